@@ -1,0 +1,1 @@
+"""graddyn command line."""

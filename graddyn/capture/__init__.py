@@ -1,0 +1,1 @@
+"""Capture: the session API, layer hooks and projections used during training."""

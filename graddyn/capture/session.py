@@ -1,0 +1,314 @@
+"""The capture session: the public entry point a training loop calls on every step.
+
+    session = CaptureSession(model, run_dir, CaptureConfig(every=10), total_steps=100,
+                             run_attrs={"loss": "dpo", "beta": 0.1})
+    for step in range(100):
+        session.start_step(step)               # arms hooks on capture steps
+        for micro_batch in ...:
+            out = dpo_loss(...)                # items + loss, computed from items.logp
+            session.observe(out.items, out.loss, rows=sequence_ids_of_forward_rows)
+            out.loss.backward()                # the hooks read this very backward
+        optimizer.step()
+        session.end_step(batch={"pair_ids": ids}, learning_rate=lr)
+    session.close()
+
+On a capture step the session takes a checkpoint of the trainable parameters before the
+optimizer step, the applied update after it, the items of every micro-batch, and the
+projected per-sequence gradients the Linear hooks computed during the user's own
+backward passes. It never runs a pass of its own and never touches `.grad`, so training
+is bitwise the same with and without it. Writes happen on a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from graddyn.capture.hooks import LinearHooks
+from graddyn.capture.projection import KroneckerProjector, ProjectionSpec
+from graddyn.items import Items, regroup
+from graddyn.store.manifest import write_manifest
+from graddyn.store.shard import ShardRecord, shard_name, write_shard
+from graddyn.store.writer import AsyncWriter
+
+logger = logging.getLogger(__name__)
+
+REDUCTION = (
+    "items: loss gradient = sum_i scale*sign_i*weight_i*grad(-log pi_i); "
+    "per-sequence rows: gradient of the loss restricted to that sequence (sum of its items)"
+)
+
+
+@dataclass
+class CaptureConfig:
+    """What to capture and when.
+
+    Attributes:
+        every: capture every `every` steps (step 0 included) and always the last step.
+        projection: the Kronecker projection of per-sequence gradients.
+        per_sequence: store projected per-sequence gradients.
+        full_aggregates: also store exact, unprojected per-component aggregated gradients
+            of the projected (Linear) parameters; large, off by default.
+        checkpoints: store the parameters before each captured step and the update.
+        verify_items: check on every captured micro-batch that `∂loss/∂items.logp`
+            equals `-items.coefficient` (the items really describe the loss).
+        max_pending_writes: bound of the background writer's queue.
+    """
+
+    every: int = 10
+    projection: ProjectionSpec = field(default_factory=ProjectionSpec)
+    per_sequence: bool = True
+    full_aggregates: bool = False
+    checkpoints: bool = True
+    verify_items: bool = True
+    max_pending_writes: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CaptureSession:
+    """Captures items, projected gradients and checkpoints of scheduled training steps."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        run_dir: str | Path,
+        config: CaptureConfig | None = None,
+        total_steps: int | None = None,
+        run_attrs: dict | None = None,
+    ) -> None:
+        self.model = model
+        self.run_dir = Path(run_dir)
+        self.config = config or CaptureConfig()
+        self.total_steps = total_steps
+        self.run_attrs = dict(run_attrs or {})
+        self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.parameters:
+            raise ValueError("the model has no parameter with requires_grad=True")
+        self.hooks = LinearHooks(model, KroneckerProjector(self.config.projection),
+                                 set(self.parameters))
+        self.writer = AsyncWriter(self.config.max_pending_writes)
+        self.captured_steps: list[int] = []
+        self._step: int | None = None
+        self._before: dict[str, torch.Tensor] = {}
+        self._items: list[dict[str, np.ndarray]] = []
+        self._rows: list[tuple[np.ndarray, torch.Tensor]] = []
+        self._pending_rows: np.ndarray | None = None
+        write_manifest(self.run_dir, self._manifest())
+
+    def _manifest(self) -> dict:
+        return {
+            "run": self.run_attrs,
+            "capture": self.config.to_dict(),
+            "total_steps": self.total_steps,
+            "parameter_names": list(self.parameters),
+            "projected_layers": [asdict(slot) for slot in self.hooks.layout],
+            "reduction": REDUCTION,
+        }
+
+    def is_capture_step(self, step: int) -> bool:
+        """True on steps 0, every, 2·every, ... and on the last step."""
+        last = self.total_steps is not None and step == self.total_steps - 1
+        return step % self.config.every == 0 or last
+
+    @property
+    def active(self) -> bool:
+        """Whether the current step is being captured."""
+        return self._step is not None
+
+    def start_step(self, step: int) -> bool:
+        """Begin `step`; on a capture step arm the hooks and take the checkpoint."""
+        if self._step is not None:
+            raise RuntimeError(f"start_step({step}) before end_step() of step {self._step}")
+        if not self.is_capture_step(step):
+            return False
+        self._step = step
+        self._items, self._rows, self._pending_rows = [], [], None
+        if self.config.checkpoints:
+            self._before = {n: p.detach().to("cpu", copy=True) for n, p in self.parameters.items()}
+        self.hooks.arm(full_aggregates=self.config.full_aggregates)
+        return True
+
+    def observe(self, items: Items, loss: torch.Tensor, rows: torch.Tensor,
+                extras: dict[str, torch.Tensor] | None = None) -> None:
+        """Record one micro-batch's items; call after its forward, before `loss.backward()`.
+
+        Args:
+            items: the items the loss was computed from.
+            loss: the micro-batch's loss, whose backward the hooks will read.
+            rows: (B,) sequence id of each row of the policy's forward batch.
+            extras: further per-item values to store under `items/<name>` (for example
+                the reference log-probs).
+        """
+        if self._step is None:
+            return
+        self._collect_rows()
+        if self.config.verify_items:
+            verify_items(items, loss)
+        row_ids = rows.detach().cpu().numpy().astype(np.int64)
+        self.hooks.arm(row_component=_row_components(items, row_ids),
+                       full_aggregates=self.config.full_aggregates)
+        self._pending_rows = row_ids
+        record = {
+            "logp": items.logp.detach().double().cpu().numpy(),
+            "weight": items.weight.detach().double().cpu().numpy(),
+            "sign": items.sign.cpu().numpy().astype(np.int8),
+            "sequence_id": items.sequence_id.cpu().numpy().astype(np.int64),
+            "token_index": items.token_index.cpu().numpy().astype(np.int64),
+            "coefficient": items.coefficient.detach().double().cpu().numpy(),
+            "unit_id": (items.unit_id if items.unit_id is not None
+                        else items.sequence_id).cpu().numpy().astype(np.int64),
+        }
+        for name, value in (extras or {}).items():
+            record[name] = value.detach().double().cpu().numpy()
+        self._items.append(record)
+
+    def _collect_rows(self) -> None:
+        if self._pending_rows is None or not self.config.per_sequence:
+            return
+        self._rows.append((self._pending_rows, self.hooks.flat_rows().cpu()))
+        self._pending_rows = None
+
+    def end_step(self, batch: dict[str, np.ndarray | torch.Tensor], learning_rate: float,
+                 metrics: dict[str, float] | None = None) -> None:
+        """Finish the step; call after `optimizer.step()`. Queues the shard for writing.
+
+        Args:
+            batch: what rebuilds the effective batch exactly (e.g. `pair_ids` in order).
+            learning_rate: the learning rate the optimizer step used.
+            metrics: step metrics to store as shard attributes.
+        """
+        if self._step is None:
+            return
+        self._collect_rows()
+        self.hooks.disarm()
+        step, self._step = self._step, None
+        if not self._items:
+            raise RuntimeError(f"step {step} was captured but observe() was never called")
+        record = self._shard_record(step, batch, learning_rate, metrics or {})
+        if self.config.checkpoints:
+            self._queue_checkpoint(step)
+        path = self.run_dir / "shards" / shard_name(step)
+        self.writer.submit(lambda: write_shard(path, record))
+        self.captured_steps.append(step)
+
+    def _shard_record(self, step: int, batch: dict, learning_rate: float,
+                      metrics: dict) -> ShardRecord:
+        items = {key: np.concatenate([r[key] for r in self._items]) for key in self._items[0]}
+        items["group"] = regroup(torch.from_numpy(items["weight"]),
+                                 torch.from_numpy(items["unit_id"])).numpy()
+        arrays = {f"items/{key}": value for key, value in items.items()}
+        for key, value in batch.items():
+            arrays[f"batch/{key}"] = np.asarray(
+                value.cpu() if isinstance(value, torch.Tensor) else value)
+        if self._rows:
+            sequence_ids = np.concatenate([ids for ids, _ in self._rows])
+            per_sequence = torch.cat([grads for _, grads in self._rows]).numpy()
+            arrays["grads/sequence_id"] = sequence_ids
+            arrays["grads/per_sequence"] = per_sequence
+            components = _sequence_components(items, sequence_ids)
+            for name, sign in (("positive", 1), ("negative", -1)):
+                arrays[f"grads/aggregate/{name}"] = per_sequence[components == sign].sum(0)
+        for key, value in (self.hooks.full_aggregates or {}).items():
+            arrays[f"grads/full/{key}"] = value.cpu().numpy()
+        if self.hooks.full_aggregates is not None:
+            self.hooks.full_aggregates = {}
+        previous = self.captured_steps[-1] if self.captured_steps else -1
+        attrs = dict(self.run_attrs)
+        attrs.update(
+            learning_rate=float(learning_rate),
+            steps_since_previous=step - previous,
+            projection=self.config.projection.to_dict(),
+            reduction=REDUCTION,
+            metrics=metrics,
+            checkpoint=f"checkpoints/{checkpoint_name(step)}" if self.config.checkpoints else "",
+            update=f"checkpoints/{update_name(step)}" if self.config.checkpoints else "",
+        )
+        strings = {"parameter_names": list(self.parameters),
+                   "projected_layers": [slot.layer for slot in self.hooks.layout]}
+        arrays["layout/offset"] = np.array([s.offset for s in self.hooks.layout], np.int64)
+        arrays["layout/size"] = np.array([s.size for s in self.hooks.layout], np.int64)
+        return ShardRecord(step=step, attrs=attrs, arrays=arrays, strings=strings)
+
+    def _queue_checkpoint(self, step: int) -> None:
+        before = self._before
+        update = {n: p.detach().cpu() - before[n] for n, p in self.parameters.items()}
+        folder = self.run_dir / "checkpoints"
+        self.writer.submit(lambda: _save_safetensors(before, folder / checkpoint_name(step)))
+        self.writer.submit(lambda: _save_safetensors(update, folder / update_name(step)))
+        self._before = {}
+
+    def close(self) -> None:
+        """Flush every pending write and update the manifest with the captured steps."""
+        if self._step is not None:
+            self.hooks.disarm()
+            self._step = None
+        self.writer.close()
+        manifest = self._manifest()
+        manifest["captured_steps"] = self.captured_steps
+        write_manifest(self.run_dir, manifest)
+
+    def __enter__(self) -> CaptureSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}.safetensors"
+
+
+def update_name(step: int) -> str:
+    return f"step_{step:08d}.update.safetensors"
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def verify_items(items: Items, loss: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Raise if `∂loss/∂items.logp` is not `-items.coefficient` (items misdescribe the loss)."""
+    if not items.logp.requires_grad:
+        raise ValueError("items.logp carries no gradient: pass the log-probs the loss uses")
+    (grad,) = torch.autograd.grad(loss, items.logp, retain_graph=True, allow_unused=True)
+    if grad is None:
+        raise ValueError("the loss does not depend on items.logp: compute it from items.logp")
+    expected = -items.coefficient.to(grad.dtype)
+    scale = expected.abs().max().clamp(min=torch.finfo(grad.dtype).tiny)
+    error = (grad - expected).abs()
+    if (error > rtol * scale).any():
+        index = int(error.argmax())
+        raise ValueError(
+            f"items do not describe the loss: at item {index} d loss/d logp = "
+            f"{grad[index].item():.6g}, but -scale*sign*weight = {expected[index].item():.6g}"
+        )
+
+
+def _row_components(items: Items, row_ids: np.ndarray) -> torch.Tensor:
+    """+1/-1 for rows whose items are all positive/negative, 0 for mixed rows."""
+    sequence = items.sequence_id.cpu().numpy()
+    sign = items.sign.cpu().numpy()
+    out = np.zeros(len(row_ids), dtype=np.int64)
+    for row, sid in enumerate(row_ids):
+        signs = set(sign[sequence == sid].tolist()) - {0}
+        out[row] = signs.pop() if len(signs) == 1 else 0
+    return torch.from_numpy(out)
+
+
+def _sequence_components(items: dict[str, np.ndarray], sequence_ids: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(sequence_ids), dtype=np.int64)
+    for index, sid in enumerate(sequence_ids):
+        signs = set(items["sign"][items["sequence_id"] == sid].tolist()) - {0}
+        out[index] = signs.pop() if len(signs) == 1 else 0
+    return out

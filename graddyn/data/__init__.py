@@ -1,0 +1,1 @@
+"""Preference data: reading pairs, tokenizing with response masks, collating batches."""

@@ -1,0 +1,1 @@
+"""Storage: the shard schema, the asynchronous writer and the reader. Knows no torch."""

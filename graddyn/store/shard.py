@@ -1,0 +1,129 @@
+"""The shard format: one self-describing HDF5 file per captured step.
+
+A shard is written whole to a temporary name and renamed into place, so after a crash
+every shard on disk is complete and readable. Layout (schema version 1):
+
+    attrs            schema_version, graddyn_version, step, and every run/step attribute
+                     (dicts are stored as JSON strings under the same key)
+    strings/<name>   variable-length UTF-8 string datasets (parameter names, layers)
+    <path>           numeric datasets, e.g. items/weight, batch/pair_ids,
+                     grads/per_sequence, grads/aggregate/positive
+
+`docs/shard-schema.md` lists every dataset and attribute the capture session writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from graddyn import __version__
+from graddyn.store.h5 import open_h5
+
+SCHEMA_VERSION = 1
+STRING = h5py.string_dtype(encoding="utf-8")
+
+
+@dataclass
+class ShardRecord:
+    """The content of one shard, as plain numpy arrays, strings and attributes."""
+
+    step: int
+    attrs: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    strings: dict[str, list[str]] = field(default_factory=dict)
+
+
+def shard_name(step: int) -> str:
+    return f"step_{step:08d}.h5"
+
+
+def write_shard(path: str | Path, record: ShardRecord) -> Path:
+    """Write `record` to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open_h5(tmp, "w") as handle:
+        handle.attrs["schema_version"] = SCHEMA_VERSION
+        handle.attrs["graddyn_version"] = __version__
+        handle.attrs["step"] = record.step
+        for key, value in record.attrs.items():
+            handle.attrs[key] = _encode_attr(value)
+        for name, values in record.strings.items():
+            handle.create_dataset(f"strings/{name}", data=list(values), dtype=STRING)
+        for name, array in record.arrays.items():
+            array = np.asarray(array)
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                raise ValueError(f"{path}: dataset {name} holds non-finite values")
+            handle.create_dataset(name, data=array)
+    os.replace(tmp, path)
+    return path
+
+
+def _encode_attr(value):
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value)
+    if value is None:
+        return "null"
+    return value
+
+
+@dataclass
+class Shard:
+    """A shard read back: attributes (JSON decoded), arrays and string lists."""
+
+    path: Path
+    attrs: dict
+    arrays: dict[str, np.ndarray]
+    strings: dict[str, list[str]]
+
+    @property
+    def step(self) -> int:
+        return int(self.attrs["step"])
+
+
+def read_shard(path: str | Path) -> Shard:
+    """Read a whole shard; strings come back as `str`, JSON attributes as Python objects."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    strings: dict[str, list[str]] = {}
+    with open_h5(path, "r") as handle:
+        version = int(handle.attrs.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema_version {version}, this graddyn reads "
+                             f"{SCHEMA_VERSION}")
+        attrs = {key: _decode_attr(value) for key, value in handle.attrs.items()}
+
+        def visit(name: str, obj) -> None:
+            if not isinstance(obj, h5py.Dataset):
+                return
+            if name.startswith("strings/"):
+                strings[name.removeprefix("strings/")] = list(obj.asstr()[()])
+            else:
+                arrays[name] = obj[()]
+
+        handle.visititems(visit)
+    return Shard(path, attrs, arrays, strings)
+
+
+def _decode_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str) and value[:1] in "[{" or value == "null":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def list_shards(directory: str | Path) -> list[Path]:
+    """Complete shards in `directory`, by step (temporary files of a crash are ignored)."""
+    return sorted(Path(directory).glob("step_*.h5"))

@@ -1,0 +1,33 @@
+"""Brute-force references: one sample at a time, no padding, float64, plain autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from graddyn.data.collate import TokenizedSequence
+
+
+def single_logp(model: torch.nn.Module, seq: TokenizedSequence) -> torch.Tensor:
+    """Summed response log-prob of one unpadded sequence, by a plain gather."""
+    ids = torch.tensor([seq.prompt_ids + seq.response_ids])
+    logits = model(input_ids=ids, use_cache=False).logits[0]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    start = len(seq.prompt_ids)
+    positions = torch.arange(start, ids.shape[1])
+    return logp[positions - 1, ids[0, positions]].sum()
+
+
+def flat_grad(value: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return torch.cat([
+        (g if g is not None else torch.zeros_like(p)).reshape(-1)
+        for g, p in zip(grads, params, strict=True)
+    ])
+
+
+def named_grads(value: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                        strict=True)
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(p))
+            for n, g, p in zip(names, grads, params, strict=True)}

@@ -17,8 +17,9 @@ def single_logp(model: torch.nn.Module, seq: TokenizedSequence) -> torch.Tensor:
     return logp[positions - 1, ids[0, positions]].sum()
 
 
-def flat_grad(value: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(value, params, allow_unused=True)
+def flat_grad(value: torch.Tensor, params: list[torch.Tensor],
+              retain: bool = False) -> torch.Tensor:
+    grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=retain)
     return torch.cat([
         (g if g is not None else torch.zeros_like(p)).reshape(-1)
         for g, p in zip(grads, params, strict=True)

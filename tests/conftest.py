@@ -51,3 +51,15 @@ def tiny_sequences(tokenizer, real_pairs):
         out.append(tokenize_sequence(tokenizer, pair.prompt, pair.chosen, 24, 12))
         out.append(tokenize_sequence(tokenizer, pair.prompt, pair.rejected, 24, 12))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny float32 GPT-NeoX and its tokenizer saved like any Hugging Face model."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    model = make_tiny_model(len(tokenizer), dtype=torch.float32)
+    eos = tokenizer.eos_token_id
+    model.config.eos_token_id = model.config.bos_token_id = model.config.pad_token_id = eos
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -13,8 +13,9 @@ def save_parameters(model: torch.nn.Module, path: str | Path) -> Path:
     """Write every parameter with `requires_grad` to `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-               if p.requires_grad}
+    tensors = {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
@@ -38,7 +39,9 @@ def load_parameters(model: torch.nn.Module, path: str | Path) -> list[str]:
             if name not in parameters:
                 raise ValueError(f"{path}: tensor {name!r} is not a parameter of the model")
             if parameters[name].shape != value.shape:
-                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, "
-                                 f"the model's is {tuple(parameters[name].shape)}")
+                raise ValueError(
+                    f"{path}: tensor {name!r} has shape {tuple(value.shape)}, "
+                    f"the model's is {tuple(parameters[name].shape)}"
+                )
             parameters[name].copy_(value)
     return list(tensors)

@@ -37,6 +37,9 @@ class Items:
         scale: the factor in front of the sum (β/N for DPO).
         unit_id: optional (n,) int64; items with the same unit id are ranked into groups
             as one (the two responses of a DPO pair). None: every item is its own unit.
+        normalizer: N when the loss is a mean over N samples of each sample's own loss
+            (1 for a sum). Per-sample gradients are stored as the gradient of a sample's
+            own loss, so they do not depend on the batch a sample was in.
     """
 
     logp: torch.Tensor
@@ -47,6 +50,7 @@ class Items:
     token_index: torch.Tensor
     scale: float
     unit_id: torch.Tensor | None = None
+    normalizer: int = 1
 
     def __post_init__(self) -> None:
         n = self.logp.shape[0]

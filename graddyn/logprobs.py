@@ -42,4 +42,3 @@ def gather_token_logprobs(logits: torch.Tensor, batch: SequenceBatch) -> torch.T
 def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """(B,) summed response log-prob `log π(y|x)` of each row."""
     return response_token_logprobs(model, batch).sum(dim=1)
-

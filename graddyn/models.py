@@ -18,8 +18,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def default_model_path() -> Path:
@@ -84,8 +88,14 @@ def disable_dropout(model: torch.nn.Module) -> list[str]:
             module.p = 0.0
             changed.append(name)
     config = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
-                "attn_pdrop", "dropout"):
+    for key in (
+        "attention_dropout",
+        "hidden_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "dropout",
+    ):
         if config is not None and getattr(config, key, 0):
             setattr(config, key, 0.0)
     if changed:

@@ -85,9 +85,11 @@ def alignment_parts(items: ItemAlignment) -> dict:
     groups = {}
     for index, name in enumerate(GROUP_NAMES):
         in_group = items.group == index
-        groups[name] = {"whole": items.part(in_group),
-                        "positive": items.part(in_group & positive),
-                        "negative": items.part(in_group & negative)}
+        groups[name] = {
+            "whole": items.part(in_group),
+            "positive": items.part(in_group & positive),
+            "negative": items.part(in_group & negative),
+        }
     return {
         "whole_from_parts": items.part(everything),
         "positive": items.part(positive),
@@ -104,8 +106,9 @@ class DPOReplay:
         run = manifest["run"]
         self.beta = float(run["beta"])
         pairs = load_pairs(run["data"]).pairs
-        self.pairs = PairTokenizer(tokenizer, pairs, run["max_prompt_tokens"],
-                                   run["max_response_tokens"])
+        self.pairs = PairTokenizer(
+            tokenizer, pairs, run["max_prompt_tokens"], run["max_response_tokens"]
+        )
 
     def deltas(self, model, shard: Shard, direction, chunk: int, device) -> tuple:
         """(log π, δ) per item, in the shard's item order (chosen of all pairs, then ...)."""
@@ -125,8 +128,13 @@ class DPOReplay:
     def loss_gradient(self, model, shard: Shard, chunk: int, device) -> tuple:
         """(loss, ∇θ loss) of the actual DPO loss over the effective batch, by autograd."""
         pair_ids = shard.arrays["batch/pair_ids"].tolist()
-        reference = dict(zip(shard.arrays["items/sequence_id"].tolist(),
-                             shard.arrays["items/logp_reference"].tolist(), strict=True))
+        reference = dict(
+            zip(
+                shard.arrays["items/sequence_id"].tolist(),
+                shard.arrays["items/logp_reference"].tolist(),
+                strict=True,
+            )
+        )
         params = trainable_parameters(model)
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         total_loss = 0.0
@@ -136,11 +144,20 @@ class DPOReplay:
                 n = len(ids)
                 batch = self.pairs.batch(ids).to(device)
                 logp = sequence_logprobs(model, batch)
-                ref = torch.tensor([reference[2 * p] for p in ids] +
-                                   [reference[2 * p + 1] for p in ids],
-                                   dtype=logp.dtype, device=device)
-                out = dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], torch.tensor(ids),
-                               self.beta, total_pairs=len(pair_ids))
+                ref = torch.tensor(
+                    [reference[2 * p] for p in ids] + [reference[2 * p + 1] for p in ids],
+                    dtype=logp.dtype,
+                    device=device,
+                )
+                out = dpo_loss(
+                    logp[:n],
+                    logp[n:],
+                    ref[:n],
+                    ref[n:],
+                    torch.tensor(ids),
+                    self.beta,
+                    total_pairs=len(pair_ids),
+                )
                 parts = torch.autograd.grad(out.loss, list(params.values()), allow_unused=True)
                 for name, part in zip(params, parts, strict=True):
                     if part is not None:
@@ -156,8 +173,9 @@ class DPOReplay:
         pair_ids = shard.arrays["batch/pair_ids"]
         chosen = np.array([by_sid[2 * p] for p in pair_ids])
         rejected = np.array([by_sid[2 * p + 1] for p in pair_ids])
-        h = self.beta * ((logp[chosen] - reference[chosen])
-                         - (logp[rejected] - reference[rejected]))
+        h = self.beta * (
+            (logp[chosen] - reference[chosen]) - (logp[rejected] - reference[rejected])
+        )
         omega_pair = 1.0 / (1.0 + np.exp(h))
         omega = np.empty(len(sid))
         omega[chosen], omega[rejected] = omega_pair, omega_pair
@@ -180,8 +198,9 @@ def replay_run(
     manifest = read_manifest(run_dir)
     loss = manifest["run"]["loss"]
     if loss not in REPLAYS:
-        raise ValueError(f"{run_dir}/run.json: no replay for loss {loss!r}; "
-                         f"supported: {', '.join(REPLAYS)}")
+        raise ValueError(
+            f"{run_dir}/run.json: no replay for loss {loss!r}; supported: {', '.join(REPLAYS)}"
+        )
     model_name = manifest["run"]["model"]
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, dtype, device)
@@ -194,16 +213,22 @@ def replay_run(
     records = []
     for index, path in enumerate(shards):
         shard = read_shard(path)
-        records.append(_replay_checkpoint(run_dir, model, tokenizer, replay, shard, targets,
-                                          chunk_size, device))
+        records.append(
+            _replay_checkpoint(
+                run_dir, model, tokenizer, replay, shard, targets, chunk_size, device
+            )
+        )
         if on_checkpoint is not None:
             on_checkpoint(index + 1, len(shards))
     result = {
         "schema_version": SCHEMA_VERSION,
         "loss": loss,
         "weight_name": manifest["run"].get("weight_name", "weight"),
-        "target": {"kind": "final_responses", "n_targets": len(targets),
-                   "description": targets.description},
+        "target": {
+            "kind": "final_responses",
+            "n_targets": len(targets),
+            "description": targets.description,
+        },
         "dtype": dtype,
         "attention": ATTENTION_BACKEND,
         "checkpoints": records,
@@ -216,16 +241,18 @@ def replay_run(
     return out
 
 
-def _replay_checkpoint(run_dir: Path, model, tokenizer, replay, shard: Shard, targets,
-                       chunk: int, device) -> dict:
+def _replay_checkpoint(
+    run_dir: Path, model, tokenizer, replay, shard: Shard, targets, chunk: int, device
+) -> dict:
     load_parameters(model, run_dir / shard.attrs["checkpoint"])
     direction = target_gradient(model, targets.sequences, tokenizer.pad_token_id, chunk)
     logp, delta = replay.deltas(model, shard, direction, chunk, device)
     coefficient, weight, scale = replay.items(shard, logp)
     unit_id = shard.arrays["items/unit_id"]
     group = regroup(torch.from_numpy(weight), torch.from_numpy(unit_id)).numpy()
-    items = ItemAlignment(coefficient, weight, shard.arrays["items/sign"], group, unit_id,
-                          delta, scale)
+    items = ItemAlignment(
+        coefficient, weight, shard.arrays["items/sign"], group, unit_id, delta, scale
+    )
     parts = alignment_parts(items)
     _, loss_grad = replay.loss_gradient(model, shard, chunk, device)
     whole = dot(loss_grad, direction)
@@ -237,13 +264,23 @@ def _replay_checkpoint(run_dir: Path, model, tokenizer, replay, shard: Shard, ta
         update_alignment = -dot({n: update[n] for n in direction}, direction) / lr
     loss_norm, target_norm = dot(loss_grad, loss_grad) ** 0.5, dot(direction, direction) ** 0.5
 
-    write_shard(run_dir / ALIGNMENT_DIR / f"step_{shard.step:08d}.h5", ShardRecord(
-        step=shard.step,
-        attrs={"whole": whole},
-        arrays={"sequence_id": shard.arrays["items/sequence_id"], "delta": delta,
-                "coefficient": coefficient, "weight": weight, "sign": items.sign,
-                "group": group, "logp_replay": logp, "logp_captured": shard.arrays["items/logp"]},
-    ))
+    write_shard(
+        run_dir / ALIGNMENT_DIR / f"step_{shard.step:08d}.h5",
+        ShardRecord(
+            step=shard.step,
+            attrs={"whole": whole},
+            arrays={
+                "sequence_id": shard.arrays["items/sequence_id"],
+                "delta": delta,
+                "coefficient": coefficient,
+                "weight": weight,
+                "sign": items.sign,
+                "group": group,
+                "logp_replay": logp,
+                "logp_captured": shard.arrays["items/logp"],
+            },
+        ),
+    )
     return {
         "step": shard.step,
         "learning_rate": lr,
@@ -260,6 +297,8 @@ def _replay_checkpoint(run_dir: Path, model, tokenizer, replay, shard: Shard, ta
             "cosine": whole / (loss_norm * target_norm) if loss_norm * target_norm else 0.0,
             "update_alignment": update_alignment,
         },
-        "weights": {name: weight[(group == i) & (items.sign > 0)].tolist()
-                    for i, name in enumerate(GROUP_NAMES)},
+        "weights": {
+            name: weight[(group == i) & (items.sign > 0)].tolist()
+            for i, name in enumerate(GROUP_NAMES)
+        },
     }

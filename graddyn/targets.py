@@ -39,8 +39,9 @@ class TargetSet:
         return len(self.sequences)
 
 
-def choose_prompts(held_out: list[PreferencePair], n_prompts: int,
-                   seed: int) -> list[PreferencePair]:
+def choose_prompts(
+    held_out: list[PreferencePair], n_prompts: int, seed: int
+) -> list[PreferencePair]:
     """`n_prompts` held-out pairs drawn with a fixed seed, in id order."""
     generator = np.random.Generator(np.random.PCG64(seed))
     n = min(n_prompts, len(held_out))
@@ -70,18 +71,24 @@ def generate_final_responses(
         ]
         batch = collate_sequences(prompt_only, tokenizer.pad_token_id, "left").to(device)
         output = model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
         )
         width = batch.input_ids.shape[1]
         for row, seq in enumerate(prompt_only):
-            sequences.append(TokenizedSequence(seq.prompt_ids,
-                                               cut_at_eos(output[row, width:].tolist(), eos)))
+            sequences.append(
+                TokenizedSequence(seq.prompt_ids, cut_at_eos(output[row, width:].tolist(), eos))
+            )
         if on_batch is not None:
             on_batch(min(start + batch_size, len(prompts)), len(prompts))
-    description = (f"greedy responses of the final model to {len(prompts)} held-out prompts, "
-                   f"at most {max_new_tokens} new tokens, stopping at EOS")
+    description = (
+        f"greedy responses of the final model to {len(prompts)} held-out prompts, "
+        f"at most {max_new_tokens} new tokens, stopping at EOS"
+    )
     return TargetSet(sequences, [p.pair_id for p in prompts], description)
 
 
@@ -140,10 +147,12 @@ def build_targets(
     tokenizer = load_tokenizer(run["model"])
     model = load_model(run["model"], "float32", device)
     load_parameters(model, run_dir / "checkpoints" / "final.safetensors")
-    _, held_out = split_pairs(load_pairs(run["data"]).pairs, run["held_out_fraction"],
-                              run["split_seed"])
+    _, held_out = split_pairs(
+        load_pairs(run["data"]).pairs, run["held_out_fraction"], run["split_seed"]
+    )
     prompts = choose_prompts(held_out, n_prompts, seed)
-    targets = generate_final_responses(model, tokenizer, prompts, run["max_prompt_tokens"],
-                                       max_new_tokens, on_batch=on_batch)
+    targets = generate_final_responses(
+        model, tokenizer, prompts, run["max_prompt_tokens"], max_new_tokens, on_batch=on_batch
+    )
     save_targets(run_dir, targets)
     return targets

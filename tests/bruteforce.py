@@ -17,18 +17,24 @@ def single_logp(model: torch.nn.Module, seq: TokenizedSequence) -> torch.Tensor:
     return logp[positions - 1, ids[0, positions]].sum()
 
 
-def flat_grad(value: torch.Tensor, params: list[torch.Tensor],
-              retain: bool = False) -> torch.Tensor:
+def flat_grad(
+    value: torch.Tensor, params: list[torch.Tensor], retain: bool = False
+) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=retain)
-    return torch.cat([
-        (g if g is not None else torch.zeros_like(p)).reshape(-1)
-        for g, p in zip(grads, params, strict=True)
-    ])
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
 
 
 def named_grads(value: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad],
-                        strict=True)
+    names, params = zip(
+        *[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True
+    )
     grads = torch.autograd.grad(value, params, allow_unused=True)
-    return {n: (g if g is not None else torch.zeros_like(p))
-            for n, g, p in zip(names, grads, params, strict=True)}
+    return {
+        n: (g if g is not None else torch.zeros_like(p))
+        for n, g, p in zip(names, grads, params, strict=True)
+    }

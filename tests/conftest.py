@@ -30,8 +30,13 @@ def tokenizer(real_pairs):
 def make_tiny_model(vocab_size: int, dtype=torch.float64, seed: int = 0, **overrides):
     """A 2-layer GPT-NeoX with seeded random weights, dropout off, in eval mode."""
     torch.manual_seed(seed)
-    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=256)
+    settings = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     settings.update(overrides)
     model = GPTNeoXForCausalLM(tiny_neox_config(vocab_size, **settings))
     disable_dropout(model)

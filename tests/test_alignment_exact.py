@@ -27,9 +27,16 @@ from tests.bruteforce import flat_grad, single_logp
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    config = DPOConfig(model=tiny_model_dir, steps=3, batch_size=4, grad_accumulation=2,
-                       max_prompt_tokens=24, max_response_tokens=10, capture_every=2,
-                       learning_rate=1e-3)
+    config = DPOConfig(
+        model=tiny_model_dir,
+        steps=3,
+        batch_size=4,
+        grad_accumulation=2,
+        max_prompt_tokens=24,
+        max_response_tokens=10,
+        capture_every=2,
+        learning_rate=1e-3,
+    )
     train_dpo(config, run_dir)
     build_targets(run_dir, n_prompts=3, max_new_tokens=6)
     replay_run(run_dir, dtype="float64")
@@ -51,15 +58,21 @@ def test_parts_add_up_and_match_brute_force(tiny_run):
     model = load_model(config.model, "float64")
     params = [p for p in model.parameters() if p.requires_grad]
     targets = load_targets(run_dir)
-    pairs = PairTokenizer(tokenizer, load_pairs().pairs, config.max_prompt_tokens,
-                          config.max_response_tokens)
+    pairs = PairTokenizer(
+        tokenizer, load_pairs().pairs, config.max_prompt_tokens, config.max_response_tokens
+    )
     for record in result["checkpoints"]:
         shard = read_shard(run_dir / "shards" / f"step_{record['step']:08d}.h5")
         load_parameters(model, run_dir / shard.attrs["checkpoint"])
         g_target = sum(flat_grad(-single_logp(model, t), params) for t in targets.sequences)
         g_target = g_target / len(targets)
-        reference = dict(zip(shard.arrays["items/sequence_id"].tolist(),
-                             shard.arrays["items/logp_reference"].tolist(), strict=True))
+        reference = dict(
+            zip(
+                shard.arrays["items/sequence_id"].tolist(),
+                shard.arrays["items/logp_reference"].tolist(),
+                strict=True,
+            )
+        )
         pair_ids = shard.arrays["batch/pair_ids"].tolist()
         n = len(pair_ids)
         positive = torch.zeros_like(g_target)
@@ -68,8 +81,7 @@ def test_parts_add_up_and_match_brute_force(tiny_run):
         for pid in pair_ids:
             chosen = single_logp(model, pairs[pid].chosen)
             rejected = single_logp(model, pairs[pid].rejected)
-            h = config.beta * ((chosen - reference[2 * pid])
-                               - (rejected - reference[2 * pid + 1]))
+            h = config.beta * ((chosen - reference[2 * pid]) - (rejected - reference[2 * pid + 1]))
             omega = torch.sigmoid(-h).detach()
             positive += flat_grad(config.beta / n * omega * -chosen, params, retain=True)
             negative += flat_grad(config.beta / n * omega * rejected, params, retain=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from graddyn.capture.projection import KroneckerProjector
@@ -35,8 +36,9 @@ def _dpo_step(model, sequences, pad_id, session=None, step=0):
     return out, reference
 
 
-def test_per_sequence_projection_matches_brute_force(tiny_model, tiny_sequences, tokenizer,
-                                                     tmp_path):
+def test_per_sequence_projection_matches_brute_force(
+    tiny_model, tiny_sequences, tokenizer, tmp_path
+):
     config = CaptureConfig(every=1, checkpoints=False)
     session = CaptureSession(tiny_model, tmp_path, config, total_steps=1)
     out, reference = _dpo_step(tiny_model, tiny_sequences, tokenizer.eos_token_id, session)
@@ -49,21 +51,23 @@ def test_per_sequence_projection_matches_brute_force(tiny_model, tiny_sequences,
     order = [2 * i for i in range(n)] + [2 * i + 1 for i in range(n)]
     for row, seq_index in enumerate(order):
         tiny_model.zero_grad()
-        term = coefficient[row] * -single_logp(tiny_model, tiny_sequences[seq_index])
-        grads = named_grads(term, tiny_model)
+        own_loss = n * coefficient[row] * -single_logp(tiny_model, tiny_sequences[seq_index])
+        grads = named_grads(own_loss, tiny_model)
         parts = []
         for layer in shard.strings["projected_layers"]:
-            parts.append(projector.project_dense_weight(layer, grads[f"{layer}.weight"])
-                         .reshape(-1))
+            parts.append(
+                projector.project_dense_weight(layer, grads[f"{layer}.weight"]).reshape(-1)
+            )
             if f"{layer}.bias" in grads:
-                p_out = projector.factor(layer, "out", grads[f"{layer}.bias"].shape[0],
-                                         torch.device("cpu"))
+                p_out = projector.factor(
+                    layer, "out", grads[f"{layer}.bias"].shape[0], torch.device("cpu")
+                )
                 parts.append(p_out @ grads[f"{layer}.bias"].float())
         expected = torch.cat(parts).double()
         got = per_sequence[row].double()
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
-    positive = per_sequence[:n].sum(0).numpy()
-    assert (shard.arrays["grads/aggregate/positive"] == positive).all()
+    positive = per_sequence[:n].sum(0).numpy() / n
+    assert np.allclose(shard.arrays["grads/aggregate/positive"], positive, rtol=1e-6)
 
 
 def test_capture_does_not_change_gradients(tokenizer, tiny_sequences, tmp_path):
@@ -75,6 +79,7 @@ def test_capture_does_not_change_gradients(tokenizer, tiny_sequences, tmp_path):
     session = CaptureSession(captured, tmp_path, CaptureConfig(every=1), total_steps=1)
     _dpo_step(captured, tiny_sequences, tokenizer.eos_token_id, session)
     session.close()
-    for (name, a), (_, b) in zip(plain.named_parameters(), captured.named_parameters(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(
+        plain.named_parameters(), captured.named_parameters(), strict=True
+    ):
         assert torch.equal(a.grad, b.grad), name

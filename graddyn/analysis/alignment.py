@@ -550,17 +550,16 @@ def weight_stats(values: np.ndarray) -> WeightStats | None:
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return None
-    described = scipy_stats.describe(values, ddof=0)
-    q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
+    low, q25, median, q75, high = np.quantile(values, [0.0, 0.25, 0.5, 0.75, 1.0])
     return WeightStats(
-        count=int(described.nobs),
-        mean=float(described.mean),
-        std=float(math.sqrt(described.variance)),
-        min=float(described.minmax[0]),
+        count=int(values.size),
+        mean=float(values.mean()),
+        std=float(values.std(ddof=0)),
+        min=float(low),
         q25=float(q25),
         median=float(median),
         q75=float(q75),
-        max=float(described.minmax[1]),
+        max=float(high),
     )
 
 

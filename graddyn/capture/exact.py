@@ -32,8 +32,9 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def target_gradient(model: torch.nn.Module, targets: list[TokenizedSequence], pad_id: int,
-                    chunk_size: int = 16) -> dict[str, torch.Tensor]:
+def target_gradient(
+    model: torch.nn.Module, targets: list[TokenizedSequence], pad_id: int, chunk_size: int = 16
+) -> dict[str, torch.Tensor]:
     """g' = ∇θ mean over targets of (-log π(y'|x')), in the parameters' dtype."""
     params = trainable_parameters(model)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -49,16 +50,22 @@ def target_gradient(model: torch.nn.Module, targets: list[TokenizedSequence], pa
     return total
 
 
-def directional_logprobs(model: torch.nn.Module, batch: SequenceBatch,
-                         direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def directional_logprobs(
+    model: torch.nn.Module, batch: SequenceBatch, direction: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π_i, δ_i) for every row of `batch`, δ_i = ⟨∇θ log π_i, direction⟩ exactly."""
     names = list(direction)
 
     def logp_of(*values: torch.Tensor) -> torch.Tensor:
         outputs = functional_call(
-            model, dict(zip(names, values, strict=True)),
-            kwargs=dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, use_cache=False),
+            model,
+            dict(zip(names, values, strict=True)),
+            kwargs=dict(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ),
         )
         return gather_token_logprobs(outputs.logits, batch).sum(dim=1)
 

@@ -37,12 +37,12 @@ class LinearHooks:
     While armed, every forward pass with gradient enabled stores each layer's input and
     hooks its output; when the gradient of that output arrives, the projected per-row
     gradients are added to `self.rows[layer]`. Passes under `torch.no_grad()` (reference
-    models, generation) are ignored. The sum over rows is kept per component when
-    `full_aggregates` is set (exact, unprojected, for the Linear parameters only).
+    models, generation) are ignored, and so are backward passes run while `paused`.
     """
 
-    def __init__(self, model: torch.nn.Module, projector: KroneckerProjector,
-                 parameter_names: set[str]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, projector: KroneckerProjector, parameter_names: set[str]
+    ) -> None:
         self.projector = projector
         self.modules: dict[str, torch.nn.Linear] = {}
         for name, module in model.named_modules():
@@ -51,8 +51,7 @@ class LinearHooks:
         self.layout = self._layout()
         self.width = sum(slot.size for slot in self.layout)
         self.rows: dict[str, torch.Tensor] = {}
-        self.full_aggregates: dict[str, torch.Tensor] | None = None
-        self._row_component: torch.Tensor | None = None
+        self.paused = False
         self._handles: list = []
 
     def _layout(self) -> list[LayerSlot]:
@@ -66,13 +65,10 @@ class LinearHooks:
             offset += size
         return slots
 
-    def arm(self, row_component: torch.Tensor | None = None,
-            full_aggregates: bool = False) -> None:
-        """Start collecting for one micro-batch; `row_component` is +1/-1/0 per row."""
+    def arm(self) -> None:
+        """Start collecting for one micro-batch (forward hooks stay until `disarm`)."""
         self.rows = {}
-        self._row_component = row_component
-        if full_aggregates and self.full_aggregates is None:
-            self.full_aggregates = {}
+        self.paused = False
         if not self._handles:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._forward_hook(name)))
@@ -102,8 +98,11 @@ class LinearHooks:
 
         return hook
 
-    def _on_output_grad(self, name: str, module: torch.nn.Linear, inputs: torch.Tensor,
-                        grad: torch.Tensor) -> None:
+    def _on_output_grad(
+        self, name: str, module: torch.nn.Linear, inputs: torch.Tensor, grad: torch.Tensor
+    ) -> None:
+        if self.paused:
+            return
         batch = grad.shape[0]
         x = inputs.reshape(batch, -1, inputs.shape[-1])
         g = grad.detach().reshape(batch, -1, grad.shape[-1])
@@ -113,19 +112,3 @@ class LinearHooks:
             parts.append(bias)
         row = torch.cat(parts, dim=1)
         self.rows[name] = self.rows[name] + row if name in self.rows else row
-        if self.full_aggregates is not None and self._row_component is not None:
-            self._add_full_aggregates(name, module, x, g)
-
-    def _add_full_aggregates(self, name: str, module: torch.nn.Linear, x: torch.Tensor,
-                             g: torch.Tensor) -> None:
-        for component, sign in (("positive", 1), ("negative", -1)):
-            rows = (self._row_component == sign).nonzero().squeeze(1).to(x.device)
-            if rows.numel() == 0:
-                continue
-            gx, gg = x[rows].float(), g[rows].float()
-            weight = torch.einsum("bto,bti->oi", gg, gx)
-            key = f"{component}/{name}.weight"
-            self.full_aggregates[key] = self.full_aggregates.get(key, 0) + weight
-            if module.bias is not None and module.bias.requires_grad:
-                key = f"{component}/{name}.bias"
-                self.full_aggregates[key] = self.full_aggregates.get(key, 0) + gg.sum((0, 1))

@@ -40,8 +40,11 @@ from graddyn.store.writer import AsyncWriter
 logger = logging.getLogger(__name__)
 
 REDUCTION = (
-    "items: loss gradient = sum_i scale*sign_i*weight_i*grad(-log pi_i); "
-    "per-sequence rows: gradient of the loss restricted to that sequence (sum of its items)"
+    "loss gradient = sum_i coefficient_i * grad(-log pi_i), coefficient = scale*sign*weight; "
+    "grads/per_sequence row = gradient of that sequence's own loss term, i.e. normalizer x "
+    "its share of the loss gradient (independent of the batch it was in); "
+    "grads/aggregate/<component> = loss gradient of the component = "
+    "sum of its per-sequence rows / normalizer"
 )
 
 
@@ -53,8 +56,10 @@ class CaptureConfig:
         every: capture every `every` steps (step 0 included) and always the last step.
         projection: the Kronecker projection of per-sequence gradients.
         per_sequence: store projected per-sequence gradients.
-        full_aggregates: also store exact, unprojected per-component aggregated gradients
-            of the projected (Linear) parameters; large, off by default.
+        full_aggregates: also store the exact, unprojected aggregated gradient of each
+            component over every parameter in scope. Costs one extra backward pass per
+            component on capture steps (through the retained graph) and a parameter-sized
+            array per component in each shard; off by default.
         checkpoints: store the parameters before each captured step and the update.
         verify_items: check on every captured micro-batch that `∂loss/∂items.logp`
             equals `-items.coefficient` (the items really describe the loss).
@@ -92,8 +97,9 @@ class CaptureSession:
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise ValueError("the model has no parameter with requires_grad=True")
-        self.hooks = LinearHooks(model, KroneckerProjector(self.config.projection),
-                                 set(self.parameters))
+        self.hooks = LinearHooks(
+            model, KroneckerProjector(self.config.projection), set(self.parameters)
+        )
         self.writer = AsyncWriter(self.config.max_pending_writes)
         self.captured_steps: list[int] = []
         self._step: int | None = None
@@ -101,6 +107,8 @@ class CaptureSession:
         self._items: list[dict[str, np.ndarray]] = []
         self._rows: list[tuple[np.ndarray, torch.Tensor]] = []
         self._pending_rows: np.ndarray | None = None
+        self._normalizer = 1
+        self._full_aggregates: dict[str, torch.Tensor] = {}
         write_manifest(self.run_dir, self._manifest())
 
     def _manifest(self) -> dict:
@@ -133,11 +141,17 @@ class CaptureSession:
         self._items, self._rows, self._pending_rows = [], [], None
         if self.config.checkpoints:
             self._before = {n: p.detach().to("cpu", copy=True) for n, p in self.parameters.items()}
-        self.hooks.arm(full_aggregates=self.config.full_aggregates)
+        self._full_aggregates = {}
+        self.hooks.arm()
         return True
 
-    def observe(self, items: Items, loss: torch.Tensor, rows: torch.Tensor,
-                extras: dict[str, torch.Tensor] | None = None) -> None:
+    def observe(
+        self,
+        items: Items,
+        loss: torch.Tensor,
+        rows: torch.Tensor,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Record one micro-batch's items; call after its forward, before `loss.backward()`.
 
         Args:
@@ -153,9 +167,11 @@ class CaptureSession:
         if self.config.verify_items:
             verify_items(items, loss)
         row_ids = rows.detach().cpu().numpy().astype(np.int64)
-        self.hooks.arm(row_component=_row_components(items, row_ids),
-                       full_aggregates=self.config.full_aggregates)
+        if self.config.full_aggregates:
+            self._add_full_aggregates(items)
+        self.hooks.arm()
         self._pending_rows = row_ids
+        self._normalizer = items.normalizer
         record = {
             "logp": items.logp.detach().double().cpu().numpy(),
             "weight": items.weight.detach().double().cpu().numpy(),
@@ -163,21 +179,50 @@ class CaptureSession:
             "sequence_id": items.sequence_id.cpu().numpy().astype(np.int64),
             "token_index": items.token_index.cpu().numpy().astype(np.int64),
             "coefficient": items.coefficient.detach().double().cpu().numpy(),
-            "unit_id": (items.unit_id if items.unit_id is not None
-                        else items.sequence_id).cpu().numpy().astype(np.int64),
+            "unit_id": (items.unit_id if items.unit_id is not None else items.sequence_id)
+            .cpu()
+            .numpy()
+            .astype(np.int64),
         }
         for name, value in (extras or {}).items():
             record[name] = value.detach().double().cpu().numpy()
         self._items.append(record)
 
+    def _add_full_aggregates(self, items: Items) -> None:
+        """Exact component gradients by autograd; the hooks ignore these extra passes."""
+        names, params = list(self.parameters), list(self.parameters.values())
+        self.hooks.paused = True
+        try:
+            for component, sign in (("positive", 1), ("negative", -1)):
+                mask = items.sign == sign
+                if not bool(mask.any()):
+                    continue
+                coefficient = items.coefficient[mask].to(items.logp.dtype)
+                part = (coefficient * -items.logp[mask]).sum()
+                grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+                for name, grad in zip(names, grads, strict=True):
+                    if grad is None:
+                        continue
+                    key = f"{component}/{name}"
+                    previous = self._full_aggregates.get(key)
+                    grad = grad.detach().cpu()
+                    self._full_aggregates[key] = grad if previous is None else previous + grad
+        finally:
+            self.hooks.paused = False
+
     def _collect_rows(self) -> None:
         if self._pending_rows is None or not self.config.per_sequence:
             return
-        self._rows.append((self._pending_rows, self.hooks.flat_rows().cpu()))
+        rows = self.hooks.flat_rows().cpu() * self._normalizer
+        self._rows.append((self._pending_rows, rows))
         self._pending_rows = None
 
-    def end_step(self, batch: dict[str, np.ndarray | torch.Tensor], learning_rate: float,
-                 metrics: dict[str, float] | None = None) -> None:
+    def end_step(
+        self,
+        batch: dict[str, np.ndarray | torch.Tensor],
+        learning_rate: float,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         """Finish the step; call after `optimizer.step()`. Queues the shard for writing.
 
         Args:
@@ -199,15 +244,18 @@ class CaptureSession:
         self.writer.submit(lambda: write_shard(path, record))
         self.captured_steps.append(step)
 
-    def _shard_record(self, step: int, batch: dict, learning_rate: float,
-                      metrics: dict) -> ShardRecord:
+    def _shard_record(
+        self, step: int, batch: dict, learning_rate: float, metrics: dict
+    ) -> ShardRecord:
         items = {key: np.concatenate([r[key] for r in self._items]) for key in self._items[0]}
-        items["group"] = regroup(torch.from_numpy(items["weight"]),
-                                 torch.from_numpy(items["unit_id"])).numpy()
+        items["group"] = regroup(
+            torch.from_numpy(items["weight"]), torch.from_numpy(items["unit_id"])
+        ).numpy()
         arrays = {f"items/{key}": value for key, value in items.items()}
         for key, value in batch.items():
             arrays[f"batch/{key}"] = np.asarray(
-                value.cpu() if isinstance(value, torch.Tensor) else value)
+                value.cpu() if isinstance(value, torch.Tensor) else value
+            )
         if self._rows:
             sequence_ids = np.concatenate([ids for ids, _ in self._rows])
             per_sequence = torch.cat([grads for _, grads in self._rows]).numpy()
@@ -215,11 +263,10 @@ class CaptureSession:
             arrays["grads/per_sequence"] = per_sequence
             components = _sequence_components(items, sequence_ids)
             for name, sign in (("positive", 1), ("negative", -1)):
-                arrays[f"grads/aggregate/{name}"] = per_sequence[components == sign].sum(0)
-        for key, value in (self.hooks.full_aggregates or {}).items():
-            arrays[f"grads/full/{key}"] = value.cpu().numpy()
-        if self.hooks.full_aggregates is not None:
-            self.hooks.full_aggregates = {}
+                total = per_sequence[components == sign].sum(0) / self._normalizer
+                arrays[f"grads/aggregate/{name}"] = total
+        for key, value in self._full_aggregates.items():
+            arrays[f"grads/full/{key}"] = value.numpy()
         previous = self.captured_steps[-1] if self.captured_steps else -1
         attrs = dict(self.run_attrs)
         attrs.update(
@@ -228,11 +275,14 @@ class CaptureSession:
             projection=self.config.projection.to_dict(),
             reduction=REDUCTION,
             metrics=metrics,
+            normalizer=self._normalizer,
             checkpoint=f"checkpoints/{checkpoint_name(step)}" if self.config.checkpoints else "",
             update=f"checkpoints/{update_name(step)}" if self.config.checkpoints else "",
         )
-        strings = {"parameter_names": list(self.parameters),
-                   "projected_layers": [slot.layer for slot in self.hooks.layout]}
+        strings = {
+            "parameter_names": list(self.parameters),
+            "projected_layers": [slot.layer for slot in self.hooks.layout],
+        }
         arrays["layout/offset"] = np.array([s.offset for s in self.hooks.layout], np.int64)
         arrays["layout/size"] = np.array([s.size for s in self.hooks.layout], np.int64)
         return ShardRecord(step=step, attrs=attrs, arrays=arrays, strings=strings)
@@ -293,17 +343,6 @@ def verify_items(items: Items, loss: torch.Tensor, rtol: float = 1e-4) -> None:
             f"items do not describe the loss: at item {index} d loss/d logp = "
             f"{grad[index].item():.6g}, but -scale*sign*weight = {expected[index].item():.6g}"
         )
-
-
-def _row_components(items: Items, row_ids: np.ndarray) -> torch.Tensor:
-    """+1/-1 for rows whose items are all positive/negative, 0 for mixed rows."""
-    sequence = items.sequence_id.cpu().numpy()
-    sign = items.sign.cpu().numpy()
-    out = np.zeros(len(row_ids), dtype=np.int64)
-    for row, sid in enumerate(row_ids):
-        signs = set(sign[sequence == sid].tolist()) - {0}
-        out[row] = signs.pop() if len(signs) == 1 else 0
-    return torch.from_numpy(out)
 
 
 def _sequence_components(items: dict[str, np.ndarray], sequence_ids: np.ndarray) -> np.ndarray:

@@ -30,8 +30,13 @@ class TokenizedPair:
 class PairTokenizer:
     """Tokenizes pairs once and builds pair batches by pair id."""
 
-    def __init__(self, tokenizer, pairs: list[PreferencePair], max_prompt_tokens: int,
-                 max_response_tokens: int) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        pairs: list[PreferencePair],
+        max_prompt_tokens: int,
+        max_response_tokens: int,
+    ) -> None:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.pairs = {pair.pair_id: pair for pair in pairs}
@@ -59,8 +64,9 @@ class PairTokenizer:
         return collate_sequences(sequences, self.pad_id, padding_side)
 
 
-def effective_batches(pair_ids: list[int], batch_size: int, steps: int,
-                      seed: int) -> list[list[int]]:
+def effective_batches(
+    pair_ids: list[int], batch_size: int, steps: int, seed: int
+) -> list[list[int]]:
     """`steps` batches of `batch_size` pair ids: seeded shuffles, epoch after epoch."""
     if batch_size > len(pair_ids):
         raise ValueError(f"batch size {batch_size} exceeds the {len(pair_ids)} training pairs")

@@ -83,13 +83,16 @@ def dpo_loss(
         token_index=torch.full((2 * n,), WHOLE_SEQUENCE, dtype=torch.long),
         scale=beta / total,
         unit_id=torch.cat([pair_ids, pair_ids]).long(),
+        normalizer=total,
     )
-    return DPOOutput(loss, items, h.detach(), omega, chosen_rewards.detach(),
-                     rejected_rewards.detach())
+    return DPOOutput(
+        loss, items, h.detach(), omega, chosen_rewards.detach(), rejected_rewards.detach()
+    )
 
 
-def dpo_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                omega: torch.Tensor) -> dict[str, float]:
+def dpo_metrics(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, omega: torch.Tensor
+) -> dict[str, float]:
     """Step metrics over the whole effective batch (never summed over micro-batches).
 
     Rewards already include β; accuracy is the share of pairs whose chosen reward is

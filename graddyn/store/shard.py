@@ -95,8 +95,9 @@ def read_shard(path: str | Path) -> Shard:
     with open_h5(path, "r") as handle:
         version = int(handle.attrs.get("schema_version", -1))
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema_version {version}, this graddyn reads "
-                             f"{SCHEMA_VERSION}")
+            raise ValueError(
+                f"{path}: schema_version {version}, this graddyn reads {SCHEMA_VERSION}"
+            )
         attrs = {key: _decode_attr(value) for key, value in handle.attrs.items()}
 
         def visit(name: str, obj) -> None:

@@ -53,19 +53,24 @@ def build_default_model(
     out_dir = Path(out_dir)
     started = time.time()
     torch.manual_seed(recipe.seed)
-    train, _ = split_pairs(load_pairs(pairs_path).pairs, recipe.held_out_fraction,
-                           recipe.split_seed)
+    train, _ = split_pairs(
+        load_pairs(pairs_path).pairs, recipe.held_out_fraction, recipe.split_seed
+    )
 
     texts = [text for pair in train for text in (pair.prompt + pair.chosen, pair.rejected)]
     tokenizer = train_bpe_tokenizer(texts, recipe.vocab_size)
     eos = tokenizer.eos_token_id
     chosen = [
-        tokenize_sequence(tokenizer, pair.prompt, pair.chosen, recipe.max_prompt_tokens,
-                          recipe.max_response_tokens)
+        tokenize_sequence(
+            tokenizer,
+            pair.prompt,
+            pair.chosen,
+            recipe.max_prompt_tokens,
+            recipe.max_response_tokens,
+        )
         for pair in train
     ]
-    config = tiny_neox_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos,
-                              pad_token_id=eos)
+    config = tiny_neox_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     model = GPTNeoXForCausalLM(config)
 
     stages = {
@@ -74,14 +79,22 @@ def build_default_model(
     }
     report: dict = {"recipe": asdict(recipe), "graddyn_version": __version__, "stages": {}}
     for stage, (sequences, epochs) in stages.items():
-        sft_config = SFTConfig(epochs=epochs, batch_size=recipe.batch_size,
-                               learning_rate=recipe.learning_rate, seed=recipe.seed)
-        callback = (lambda s, n, loss, stage=stage: on_step(stage, s, n, loss)) if on_step \
-            else None
+        sft_config = SFTConfig(
+            epochs=epochs,
+            batch_size=recipe.batch_size,
+            learning_rate=recipe.learning_rate,
+            seed=recipe.seed,
+        )
+        callback = (
+            (lambda s, n, loss, stage=stage: on_step(stage, s, n, loss)) if on_step else None
+        )
         model.train()
         losses = train_sft(model, sequences, eos, sft_config, callback)
-        report["stages"][stage] = {"steps": len(losses), "first_loss": losses[0],
-                                   "last_loss": sum(losses[-20:]) / len(losses[-20:])}
+        report["stages"][stage] = {
+            "steps": len(losses),
+            "first_loss": losses[0],
+            "last_loss": sum(losses[-20:]) / len(losses[-20:]),
+        }
     model.eval()
 
     out_dir.mkdir(parents=True, exist_ok=True)

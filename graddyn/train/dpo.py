@@ -54,8 +54,10 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size % self.grad_accumulation:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
-                             f"grad_accumulation {self.grad_accumulation}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of "
+                f"grad_accumulation {self.grad_accumulation}"
+            )
 
 
 def run_attributes(config: DPOConfig, model: torch.nn.Module, data_path: str) -> dict:
@@ -63,7 +65,10 @@ def run_attributes(config: DPOConfig, model: torch.nn.Module, data_path: str) ->
     attrs = asdict(config)
     attrs.pop("projection")
     attrs.update(
-        algorithm="dpo", loss="dpo", item_kind="sequence", weight_name="omega",
+        algorithm="dpo",
+        loss="dpo",
+        item_kind="sequence",
+        weight_name="omega",
         data=data_path,
         attention_implementation=getattr(model.config, "_attn_implementation", "unknown"),
         dropout_disabled=True,
@@ -81,40 +86,52 @@ def train_dpo(
     torch.manual_seed(config.seed)
     pair_file = load_pairs(config.data)
     if pair_file.skipped:
-        logger.warning("%s: skipped %d rows: %s", pair_file.path, len(pair_file.skipped),
-                       pair_file.skipped_by_reason())
+        logger.warning(
+            "%s: skipped %d rows: %s",
+            pair_file.path,
+            len(pair_file.skipped),
+            pair_file.skipped_by_reason(),
+        )
     train_pairs, _ = split_pairs(pair_file.pairs, config.held_out_fraction, config.split_seed)
     tokenizer = load_tokenizer(config.model)
     policy = load_model(config.model, config.dtype, config.device)
     reference = copy.deepcopy(policy).requires_grad_(False)
-    pairs = PairTokenizer(tokenizer, train_pairs, config.max_prompt_tokens,
-                          config.max_response_tokens)
-    batches = effective_batches([p.pair_id for p in train_pairs], config.batch_size,
-                                config.steps, config.seed)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    pairs = PairTokenizer(
+        tokenizer, train_pairs, config.max_prompt_tokens, config.max_response_tokens
+    )
+    batches = effective_batches(
+        [p.pair_id for p in train_pairs], config.batch_size, config.steps, config.seed
+    )
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     attrs = run_attributes(config, policy, pair_file.path)
     attrs["skipped_rows"] = pair_file.skipped_by_reason()
-    capture = CaptureConfig(every=config.capture_every, projection=config.projection,
-                            full_aggregates=config.full_aggregates)
+    capture = CaptureConfig(
+        every=config.capture_every,
+        projection=config.projection,
+        full_aggregates=config.full_aggregates,
+    )
     micro_size = config.batch_size // config.grad_accumulation
 
-    with CaptureSession(policy, run_dir, capture, config.steps, attrs) as session, \
-            open(run_dir / "train_log.jsonl", "w") as log:
+    with (
+        CaptureSession(policy, run_dir, capture, config.steps, attrs) as session,
+        open(run_dir / "train_log.jsonl", "w") as log,
+    ):
         for step, pair_ids in enumerate(batches):
             session.start_step(step)
             optimizer.zero_grad(set_to_none=True)
             rewards = []
             for start in range(0, config.batch_size, micro_size):
                 micro_ids = torch.tensor(pair_ids[start : start + micro_size])
-                rewards.append(_micro_step(policy, reference, pairs, micro_ids, config,
-                                           session))
+                rewards.append(_micro_step(policy, reference, pairs, micro_ids, config, session))
             optimizer.step()
 
             chosen, rejected, omega = (torch.cat(r) for r in zip(*rewards, strict=True))
             metrics = dpo_metrics(chosen, rejected, omega)
-            session.end_step({"pair_ids": torch.tensor(pair_ids)},
-                             optimizer.param_groups[0]["lr"], metrics)
+            session.end_step(
+                {"pair_ids": torch.tensor(pair_ids)}, optimizer.param_groups[0]["lr"], metrics
+            )
             log.write(json.dumps({"step": step, **metrics}) + "\n")
             log.flush()
             if on_step is not None:
@@ -123,16 +140,29 @@ def train_dpo(
     return run_dir
 
 
-def _micro_step(policy, reference, pairs: PairTokenizer, micro_ids: torch.Tensor,
-                config: DPOConfig, session: CaptureSession):
+def _micro_step(
+    policy,
+    reference,
+    pairs: PairTokenizer,
+    micro_ids: torch.Tensor,
+    config: DPOConfig,
+    session: CaptureSession,
+):
     """Forward, loss and backward of one micro-batch; returns its rewards and ω."""
     n = micro_ids.shape[0]
     batch = pairs.batch(micro_ids.tolist()).to(config.device)
     with torch.no_grad():
         reference_logp = sequence_logprobs(reference, batch)
     logp = sequence_logprobs(policy, batch)
-    out = dpo_loss(logp[:n], logp[n:], reference_logp[:n], reference_logp[n:], micro_ids,
-                   config.beta, total_pairs=config.batch_size)
+    out = dpo_loss(
+        logp[:n],
+        logp[n:],
+        reference_logp[:n],
+        reference_logp[n:],
+        micro_ids,
+        config.beta,
+        total_pairs=config.batch_size,
+    )
     rows = torch.cat([sequence_id(micro_ids, 0), sequence_id(micro_ids, 1)])
     session.observe(out.items, out.loss, rows, extras={"logp_reference": reference_logp})
     out.loss.backward()

@@ -104,3 +104,21 @@ def test_per_item_deltas_stored(tiny_run):
     record = read_shard(run_dir / "alignment" / "step_00000000.h5")
     assert record.arrays["delta"].shape == record.arrays["coefficient"].shape
     assert np.abs(record.arrays["logp_replay"] - record.arrays["logp_captured"]).max() < 1e-4
+
+
+def test_surrogate_whole_for_an_unknown_loss(tiny_run, tmp_path):
+    """A run of a loss graddyn does not know replays through the items' surrogate."""
+    from graddyn.replay.run import replay_checkpoint
+
+    run_dir, config = tiny_run
+    model = load_model(config.model, "float64")
+    targets = load_targets(run_dir)
+    shard = read_shard(run_dir / "shards" / "step_00000000.h5")
+    known = replay_checkpoint(run_dir, model, shard, targets, 4, "cpu")
+    shard.attrs["loss"] = "my-loss"
+    unknown = replay_checkpoint(run_dir, model, shard, targets, 4, "cpu")
+    assert known["check"]["whole_source"] == "dpo loss"
+    assert unknown["check"]["whole_source"] == "items surrogate"
+    tolerance = known["check"]["tolerance"]
+    assert abs(unknown["alignment"]["whole"] - known["alignment"]["whole"]) <= tolerance
+    assert unknown["check"]["parts_error"] <= tolerance

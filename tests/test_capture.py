@@ -29,7 +29,7 @@ def _dpo_step(model, sequences, pad_id, session=None, step=0):
     out = dpo_loss(logp[:n], logp[n:], reference[:n], reference[n:], pair_ids, BETA)
     rows = torch.cat([sequence_id(pair_ids, 0), sequence_id(pair_ids, 1)])
     if session:
-        session.observe(out.items, out.loss, rows)
+        session.observe(out.items, out.loss, batch, rows)
     out.loss.backward()
     if session:
         session.end_step({"pair_ids": pair_ids}, learning_rate=0.0)

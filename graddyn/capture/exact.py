@@ -50,13 +50,17 @@ def target_gradient(
     return total
 
 
-def directional_logprobs(
+def directional_token_logprobs(
     model: torch.nn.Module, batch: SequenceBatch, direction: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π_i, δ_i) for every row of `batch`, δ_i = ⟨∇θ log π_i, direction⟩ exactly."""
+    """(B, T) response-token log-probs and their exact directional derivatives.
+
+    Entry (b, t) of the second tensor is `⟨∇θ log π(token t of row b), direction⟩`; both
+    are zero outside the response. Summing a row gives the sequence's `δ`.
+    """
     names = list(direction)
 
-    def logp_of(*values: torch.Tensor) -> torch.Tensor:
+    def token_logp_of(*values: torch.Tensor) -> torch.Tensor:
         outputs = functional_call(
             model,
             dict(zip(names, values, strict=True)),
@@ -67,14 +71,22 @@ def directional_logprobs(
                 use_cache=False,
             ),
         )
-        return gather_token_logprobs(outputs.logits, batch).sum(dim=1)
+        return gather_token_logprobs(outputs.logits, batch)
 
     params = trainable_parameters(model)
     primals = tuple(params[n].detach() for n in names)
     tangents = tuple(direction[n].to(params[n].dtype) for n in names)
     with exact_attention():
-        logp, delta = jvp(logp_of, primals, tangents)
-    return logp.detach(), delta.detach()
+        token_logp, token_delta = jvp(token_logp_of, primals, tangents)
+    return token_logp.detach(), token_delta.detach()
+
+
+def directional_logprobs(
+    model: torch.nn.Module, batch: SequenceBatch, direction: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π_i, δ_i) for every row of `batch`, δ_i = ⟨∇θ log π_i, direction⟩ exactly."""
+    token_logp, token_delta = directional_token_logprobs(model, batch, direction)
+    return token_logp.sum(dim=1), token_delta.sum(dim=1)
 
 
 def dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

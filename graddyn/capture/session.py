@@ -6,7 +6,7 @@
         session.start_step(step)               # arms hooks on capture steps
         for micro_batch in ...:
             out = dpo_loss(...)                # items + loss, computed from items.logp
-            session.observe(out.items, out.loss, rows=sequence_ids_of_forward_rows)
+            session.observe(out.items, out.loss, batch, rows=sequence_ids_of_batch_rows)
             out.loss.backward()                # the hooks read this very backward
         optimizer.step()
         session.end_step(batch={"pair_ids": ids}, learning_rate=lr)
@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from graddyn.capture.hooks import LinearHooks
 from graddyn.capture.projection import KroneckerProjector, ProjectionSpec
+from graddyn.data.collate import FlatSequences, SequenceBatch, flatten_batch
 from graddyn.items import Items, regroup
 from graddyn.store.manifest import write_manifest
 from graddyn.store.shard import ShardRecord, shard_name, write_shard
@@ -107,6 +108,7 @@ class CaptureSession:
         self._items: list[dict[str, np.ndarray]] = []
         self._rows: list[tuple[np.ndarray, torch.Tensor]] = []
         self._pending_rows: np.ndarray | None = None
+        self._sequences: list[tuple[np.ndarray, FlatSequences]] = []
         self._normalizer = 1
         self._full_aggregates: dict[str, torch.Tensor] = {}
         write_manifest(self.run_dir, self._manifest())
@@ -138,7 +140,7 @@ class CaptureSession:
         if not self.is_capture_step(step):
             return False
         self._step = step
-        self._items, self._rows, self._pending_rows = [], [], None
+        self._items, self._rows, self._pending_rows, self._sequences = [], [], None, []
         if self.config.checkpoints:
             self._before = {n: p.detach().to("cpu", copy=True) for n, p in self.parameters.items()}
         self._full_aggregates = {}
@@ -149,6 +151,7 @@ class CaptureSession:
         self,
         items: Items,
         loss: torch.Tensor,
+        batch: SequenceBatch,
         rows: torch.Tensor,
         extras: dict[str, torch.Tensor] | None = None,
     ) -> None:
@@ -157,7 +160,9 @@ class CaptureSession:
         Args:
             items: the items the loss was computed from.
             loss: the micro-batch's loss, whose backward the hooks will read.
-            rows: (B,) sequence id of each row of the policy's forward batch.
+            batch: the policy's forward batch; its tokens are stored, so replay rebuilds
+                the exact sequences without the data set or the tokenizer.
+            rows: (B,) sequence id of each row of `batch`.
             extras: further per-item values to store under `items/<name>` (for example
                 the reference log-probs).
         """
@@ -172,6 +177,7 @@ class CaptureSession:
         self.hooks.arm()
         self._pending_rows = row_ids
         self._normalizer = items.normalizer
+        self._sequences.append((row_ids, flatten_batch(batch)))
         record = {
             "logp": items.logp.detach().double().cpu().numpy(),
             "weight": items.weight.detach().double().cpu().numpy(),
@@ -179,6 +185,7 @@ class CaptureSession:
             "sequence_id": items.sequence_id.cpu().numpy().astype(np.int64),
             "token_index": items.token_index.cpu().numpy().astype(np.int64),
             "coefficient": items.coefficient.detach().double().cpu().numpy(),
+            "scale": np.full(len(items), float(items.scale)),
             "unit_id": (items.unit_id if items.unit_id is not None else items.sequence_id)
             .cpu()
             .numpy()
@@ -256,6 +263,7 @@ class CaptureSession:
             arrays[f"batch/{key}"] = np.asarray(
                 value.cpu() if isinstance(value, torch.Tensor) else value
             )
+        arrays.update(_sequence_arrays(self._sequences))
         if self._rows:
             sequence_ids = np.concatenate([ids for ids, _ in self._rows])
             per_sequence = torch.cat([grads for _, grads in self._rows]).numpy()
@@ -343,6 +351,19 @@ def verify_items(items: Items, loss: torch.Tensor, rtol: float = 1e-4) -> None:
             f"items do not describe the loss: at item {index} d loss/d logp = "
             f"{grad[index].item():.6g}, but -scale*sign*weight = {expected[index].item():.6g}"
         )
+
+
+def _sequence_arrays(sequences: list[tuple[np.ndarray, FlatSequences]]) -> dict:
+    """The tokens of every observed row, flat, in observation order."""
+    lengths = np.concatenate([np.diff(flat.offsets.numpy()) for _, flat in sequences])
+    return {
+        "sequences/sequence_id": np.concatenate([ids for ids, _ in sequences]),
+        "sequences/tokens": np.concatenate([flat.tokens.numpy() for _, flat in sequences]),
+        "sequences/response_mask": np.concatenate(
+            [flat.response_mask.numpy() for _, flat in sequences]
+        ).astype(np.int8),
+        "sequences/offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    }
 
 
 def _sequence_components(items: dict[str, np.ndarray], sequence_ids: np.ndarray) -> np.ndarray:

@@ -104,3 +104,41 @@ def collate_sequences(
         response_mask[row, start + n_prompt : start + n_total] = 1
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) * attention_mask
     return SequenceBatch(input_ids, attention_mask, position_ids, response_mask)
+
+
+@dataclass
+class FlatSequences:
+    """Sequences without padding, as flat arrays: what a shard stores to rebuild a batch.
+
+    Sequence `i` is `tokens[offsets[i]:offsets[i+1]]`, with `response_mask` alongside.
+    """
+
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    offsets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def batch(self, rows: list[int], pad_id: int) -> SequenceBatch:
+        """A right-padded batch of the given sequences."""
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in rows]
+        width = max(end - start for start, end in spans)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        response_mask = torch.zeros(shape, dtype=torch.long)
+        for row, (start, end) in enumerate(spans):
+            input_ids[row, : end - start] = self.tokens[start:end]
+            attention_mask[row, : end - start] = 1
+            response_mask[row, : end - start] = self.response_mask[start:end]
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) * attention_mask
+        return SequenceBatch(input_ids, attention_mask, position_ids, response_mask)
+
+
+def flatten_batch(batch: SequenceBatch) -> FlatSequences:
+    """The real tokens of each row of a (left- or right-) padded batch, padding removed."""
+    keep = batch.attention_mask.bool().cpu()
+    lengths = keep.sum(dim=1)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return FlatSequences(batch.input_ids.cpu()[keep], batch.response_mask.cpu()[keep], offsets)

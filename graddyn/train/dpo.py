@@ -164,6 +164,6 @@ def _micro_step(
         total_pairs=config.batch_size,
     )
     rows = torch.cat([sequence_id(micro_ids, 0), sequence_id(micro_ids, 1)])
-    session.observe(out.items, out.loss, rows, extras={"logp_reference": reference_logp})
+    session.observe(out.items, out.loss, batch, rows, extras={"logp_reference": reference_logp})
     out.loss.backward()
     return out.chosen_rewards, out.rejected_rewards, out.omega

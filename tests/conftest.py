@@ -16,6 +16,15 @@ from graddyn.models import disable_dropout, tiny_neox_config
 from graddyn.train.tokenizer import train_bpe_tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is many times faster on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def real_pairs():
     return load_pairs().pairs[:64]

@@ -96,14 +96,25 @@ class KroneckerProjector:
 class DenseProjector:
     """A dense seeded JL projection of flat vectors of dimension `dim` to `spec.k_out`.
 
-    Meant for small parameter subsets: the matrix has `k x dim` entries and is generated
-    in blocks of rows, each block from its own seed, so memory stays bounded.
+    Meant for small parameter subsets: the matrix has `k x dim` entries. Row `r` is drawn
+    from its own seed `(spec.seed, "dense", r)`, so the matrix depends on the spec alone,
+    and it is generated `block_rows` rows at a time to bound memory.
     """
 
     def __init__(self, spec: ProjectionSpec, dim: int, block_rows: int = 256) -> None:
         if spec.kind != "dense":
             raise ValueError(f"DenseProjector needs kind 'dense', got {spec.kind!r}")
         self.spec, self.dim, self.block_rows = spec, dim, block_rows
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of the (k, dim) matrix, N(0, 1/k) entries, float32."""
+        k = self.spec.k_out
+        return torch.cat(
+            [
+                gaussian_matrix(1, self.dim, stable_seed(self.spec.seed, "dense", row))
+                for row in range(start, stop)
+            ]
+        ) / math.sqrt(k)
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """(n, dim) -> (n, k) in float32, accumulating in float32 whatever the input dtype."""
@@ -113,8 +124,6 @@ class DenseProjector:
         k = self.spec.k_out
         out = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
         for start in range(0, k, self.block_rows):
-            rows = min(self.block_rows, k - start)
-            block = gaussian_matrix(rows, self.dim, stable_seed(self.spec.seed, "dense", start))
-            block = block * math.sqrt(rows / k)
-            out[:, start : start + rows] = flat @ block.to(flat.device).T
+            stop = min(start + self.block_rows, k)
+            out[:, start:stop] = flat @ self.rows(start, stop).to(flat.device).T
         return out.reshape(*vectors.shape[:-1], k)

@@ -69,14 +69,16 @@ def tokenize_sequence(
 
     The prompt keeps its last `max_prompt_tokens` tokens (the turn being answered); the
     response keeps its first `max_response_tokens` tokens, EOS included when it fits.
-    No special tokens are added besides the one EOS that ends the response.
+    No special tokens are added besides the one EOS that ends the response, and none when
+    the response text already ends with EOS.
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if append_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
-        response_ids = response_ids + [tokenizer.eos_token_id]
+        if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
+            response_ids = response_ids + [tokenizer.eos_token_id]
     if max_prompt_tokens > 0:
         prompt_ids = prompt_ids[-max_prompt_tokens:]
     return TokenizedSequence(list(prompt_ids), list(response_ids[:max_response_tokens]))

@@ -3,8 +3,9 @@
 A shard is written whole to a temporary name and renamed into place, so after a crash
 every shard on disk is complete and readable. Layout (schema version 1):
 
-    attrs            schema_version, graddyn_version, step, and every run/step attribute
-                     (dicts are stored as JSON strings under the same key)
+    attrs            schema_version, graddyn_version, step, and every run/step attribute;
+                     dicts, lists and None are JSON strings under the same key, and the
+                     attribute `json_attrs` lists those keys
     strings/<name>   variable-length UTF-8 string datasets (parameter names, layers)
     <path>           numeric datasets, e.g. items/weight, batch/pair_ids,
                      grads/per_sequence, grads/aggregate/positive
@@ -26,6 +27,7 @@ from graddyn import __version__
 from graddyn.store.h5 import open_h5
 
 SCHEMA_VERSION = 1
+JSON_ATTRS = "json_attrs"
 STRING = h5py.string_dtype(encoding="utf-8")
 
 
@@ -52,8 +54,10 @@ def write_shard(path: str | Path, record: ShardRecord) -> Path:
         handle.attrs["schema_version"] = SCHEMA_VERSION
         handle.attrs["graddyn_version"] = __version__
         handle.attrs["step"] = record.step
+        json_keys = [key for key, value in record.attrs.items() if _needs_json(value)]
+        handle.attrs[JSON_ATTRS] = json.dumps(json_keys)
         for key, value in record.attrs.items():
-            handle.attrs[key] = _encode_attr(value)
+            handle.attrs[key] = json.dumps(value) if key in json_keys else value
         for name, values in record.strings.items():
             handle.create_dataset(f"strings/{name}", data=list(values), dtype=STRING)
         for name, array in record.arrays.items():
@@ -65,12 +69,9 @@ def write_shard(path: str | Path, record: ShardRecord) -> Path:
     return path
 
 
-def _encode_attr(value):
-    if isinstance(value, dict | list | tuple):
-        return json.dumps(value)
-    if value is None:
-        return "null"
-    return value
+def _needs_json(value) -> bool:
+    """Dicts, lists, tuples and None are stored as JSON strings, listed in `JSON_ATTRS`."""
+    return value is None or isinstance(value, dict | list | tuple)
 
 
 @dataclass
@@ -98,7 +99,12 @@ def read_shard(path: str | Path) -> Shard:
             raise ValueError(
                 f"{path}: schema_version {version}, this graddyn reads {SCHEMA_VERSION}"
             )
-        attrs = {key: _decode_attr(value) for key, value in handle.attrs.items()}
+        json_keys = set(json.loads(handle.attrs.get(JSON_ATTRS, "[]")))
+        attrs = {
+            key: _decode_attr(value, key in json_keys)
+            for key, value in handle.attrs.items()
+            if key != JSON_ATTRS
+        }
 
         def visit(name: str, obj) -> None:
             if not isinstance(obj, h5py.Dataset):
@@ -112,14 +118,11 @@ def read_shard(path: str | Path) -> Shard:
     return Shard(path, attrs, arrays, strings)
 
 
-def _decode_attr(value):
+def _decode_attr(value, is_json: bool):
     if isinstance(value, bytes):
         value = value.decode("utf-8")
-    if isinstance(value, str) and value[:1] in "[{" or value == "null":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
+    if is_json:
+        return json.loads(value)
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -41,11 +41,17 @@ class LinearHooks:
     """
 
     def __init__(
-        self, model: torch.nn.Module, projector: KroneckerProjector, parameter_names: set[str]
+        self,
+        model: torch.nn.Module,
+        projector: KroneckerProjector,
+        parameter_names: set[str],
+        exclude: set[str] | None = None,
     ) -> None:
         self.projector = projector
         self.modules: dict[str, torch.nn.Linear] = {}
         for name, module in model.named_modules():
+            if name in (exclude or set()):
+                continue
             if isinstance(module, torch.nn.Linear) and f"{name}.weight" in parameter_names:
                 self.modules[name] = module
         self.layout = self._layout()

@@ -64,6 +64,8 @@ class CaptureConfig:
         checkpoints: store the parameters before each captured step and the update.
         verify_items: check on every captured micro-batch that `∂loss/∂items.logp`
             equals `-items.coefficient` (the items really describe the loss).
+        exclude_layers: names of Linear modules left out of the projected per-sequence
+            gradients (for example an LM head that a fused kernel bypasses).
         max_pending_writes: bound of the background writer's queue.
     """
 
@@ -73,6 +75,7 @@ class CaptureConfig:
     full_aggregates: bool = False
     checkpoints: bool = True
     verify_items: bool = True
+    exclude_layers: tuple[str, ...] = ()
     max_pending_writes: int = 2
 
     def to_dict(self) -> dict:
@@ -99,7 +102,10 @@ class CaptureSession:
         if not self.parameters:
             raise ValueError("the model has no parameter with requires_grad=True")
         self.hooks = LinearHooks(
-            model, KroneckerProjector(self.config.projection), set(self.parameters)
+            model,
+            KroneckerProjector(self.config.projection),
+            set(self.parameters),
+            exclude=set(self.config.exclude_layers),
         )
         self.writer = AsyncWriter(self.config.max_pending_writes)
         self.captured_steps: list[int] = []
@@ -150,10 +156,11 @@ class CaptureSession:
     def observe(
         self,
         items: Items,
-        loss: torch.Tensor,
+        loss: torch.Tensor | None,
         batch: SequenceBatch,
         rows: torch.Tensor,
         extras: dict[str, torch.Tensor] | None = None,
+        verify: bool | None = None,
     ) -> None:
         """Record one micro-batch's items; call after its forward, before `loss.backward()`.
 
@@ -165,11 +172,17 @@ class CaptureSession:
             rows: (B,) sequence id of each row of `batch`.
             extras: further per-item values to store under `items/<name>` (for example
                 the reference log-probs).
+            verify: check that `∂loss/∂items.logp == -items.coefficient` (default: the
+                config's `verify_items`). An integration whose loss is computed by
+                another library from other tensors checks the items its own way and
+                passes `loss=None, verify=False`.
         """
         if self._step is None:
             return
         self._collect_rows()
-        if self.config.verify_items:
+        if self.config.verify_items if verify is None else verify:
+            if loss is None:
+                raise ValueError("observe() needs the loss to verify the items")
             verify_items(items, loss)
         row_ids = rows.detach().cpu().numpy().astype(np.int64)
         if self.config.full_aggregates:

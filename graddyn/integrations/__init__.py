@@ -1,0 +1,2 @@
+"""Capture for other trainers: Hugging Face `Trainer` (`graddyn.integrations.trainer`) and
+TRL's `DPOTrainer` (`graddyn.integrations.trl`, needs `pip install graddyn[trl]`)."""

@@ -195,9 +195,9 @@ def analyze(
 @app.command()
 def demo(
     run_dir: Annotated[Path, typer.Option(help="Run directory of the demo.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="DPO steps.")] = 60,
+    steps: Annotated[int, typer.Option(help="DPO steps.")] = 150,
     capture_every: Annotated[int, typer.Option(help="Capture interval.")] = 10,
-    prompts: Annotated[int, typer.Option(help="Prompts in D'.")] = 32,
+    prompts: Annotated[int, typer.Option(help="Prompts in D'.")] = 64,
     device: Device = "cpu",
 ) -> None:
     """Run every stage on the shipped default model and the bundled data."""

@@ -90,8 +90,8 @@ class LinearHooks:
         missing = [slot.layer for slot in self.layout if slot.layer not in self.rows]
         if missing:
             raise RuntimeError(
-                f"no gradient reached layers {missing[:3]}: call loss.backward() after "
-                "observe() and before end_step()"
+                f"no gradient reached layers {missing[:3]}: call start_step() before the "
+                "forward pass, observe() after it, and loss.backward() before end_step()"
             )
         return torch.cat([self.rows[slot.layer] for slot in self.layout], dim=1)
 

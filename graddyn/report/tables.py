@@ -6,6 +6,7 @@ Numbers are shown in scientific notation with three significant digits.
 
 from __future__ import annotations
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,10 +22,10 @@ MISSING = "–"
 
 
 def sci(value: float | None) -> str:
-    """A number in scientific notation with three significant digits (`–` for None)."""
+    """A number with three significant digits, compact (`–` for None)."""
     if value is None:
         return MISSING
-    return f"{value:.2e}"
+    return f"{value:.3g}"
 
 
 def series_label(name: str, weight_symbol: str = "ω") -> str:
@@ -37,11 +38,11 @@ def series_label(name: str, weight_symbol: str = "ω") -> str:
     return name
 
 
-def _mean_with_ci(stats: SeriesStats) -> str:
+def _ci(stats: SeriesStats) -> str:
     if stats.mean_ci is None:
-        return f"{sci(stats.mean)} (no CI, n<3)"
+        return "n<3"
     low, high = stats.mean_ci
-    return f"{sci(stats.mean)} [{sci(low)}, {sci(high)}]"
+    return f"[{sci(low)}, {sci(high)}]"
 
 
 def alignment_table(results: AlignmentResults, stats: AlignmentStats) -> Table:
@@ -53,6 +54,7 @@ def alignment_table(results: AlignmentResults, stats: AlignmentStats) -> Table:
     level = round(100 * stats.confidence_level)
     n = stats.checks.n_checkpoints
     table = Table(
+        box=box.SIMPLE_HEAD,
         title=(
             f"G(t) of {escape(results.loss.upper())} vs "
             f"{escape(results.target.kind.replace('_', ' '))} "
@@ -60,24 +62,26 @@ def alignment_table(results: AlignmentResults, stats: AlignmentStats) -> Table:
         ),
         caption=(
             f"bootstrap {level}% CI over checkpoints (seed {stats.bootstrap_seed}); "
-            "SGD est. = Σ lr·steps·G, a TracIn estimate of the NLL decrease"
+            "SGD ΔNLL = Σ lr·steps·G, a TracIn estimate of the targets' NLL decrease"
         ),
     )
-    table.add_column("series")
-    table.add_column("G>0", justify="right")
-    table.add_column("sign changes", justify="right")
-    table.add_column(f"mean [{level}% CI]", justify="right")
-    table.add_column("first", justify="right")
-    table.add_column("last", justify="right")
-    table.add_column("SGD est. ΔNLL", justify="right")
+    table.add_column("series", no_wrap=True)
+    table.add_column("G>0", justify="right", no_wrap=True)
+    table.add_column("sign ch.", justify="right", no_wrap=True)
+    table.add_column("mean", justify="right", no_wrap=True)
+    table.add_column(f"{level}% CI", justify="right", no_wrap=True)
+    table.add_column("first", justify="right", no_wrap=True)
+    table.add_column("last", justify="right", no_wrap=True)
+    table.add_column("SGD ΔNLL", justify="right", no_wrap=True)
     for name in SERIES:
         row = stats.series[name]
         positive = round(row.fraction_positive * row.n_checkpoints)
         table.add_row(
             series_label(name, results.weight_symbol),
-            f"{row.fraction_positive:.2f} ({positive}/{row.n_checkpoints})",
+            f"{positive}/{row.n_checkpoints}",
             str(row.sign_changes),
-            _mean_with_ci(row),
+            sci(row.mean),
+            _ci(row),
             sci(row.first),
             sci(row.last),
             sci(row.tracin),

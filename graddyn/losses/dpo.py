@@ -48,8 +48,10 @@ def dpo_loss(
     """DPO loss and items of a (micro-)batch of pairs.
 
     Args:
-        policy_chosen, policy_rejected: (n,) summed response log-probs, with gradient.
-        reference_chosen, reference_rejected: (n,) reference log-probs (detached).
+        policy_chosen: (n,) summed log-probs of the chosen responses, with gradient.
+        policy_rejected: (n,) summed log-probs of the rejected responses, with gradient.
+        reference_chosen: (n,) reference log-probs of the chosen responses.
+        reference_rejected: (n,) reference log-probs of the rejected responses.
         pair_ids: (n,) dataset ids of the pairs.
         beta: DPO temperature.
         total_pairs: N, the number of pairs in the effective batch; a micro-batch of a

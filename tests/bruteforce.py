@@ -38,3 +38,8 @@ def named_grads(value: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.
         n: (g if g is not None else torch.zeros_like(p))
         for n, g, p in zip(names, grads, params, strict=True)
     }
+
+
+def project_named_grads(projector, names: list[str], grads: dict[str, torch.Tensor]):
+    """Flat projected row of explicit gradients, in the capture layout order, float64."""
+    return torch.cat([projector.project_parameter(n, grads[n]).double() for n in names])

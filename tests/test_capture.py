@@ -11,7 +11,7 @@ from graddyn.data.collate import collate_sequences
 from graddyn.logprobs import sequence_logprobs
 from graddyn.losses.dpo import dpo_loss, sequence_id
 from graddyn.store.shard import list_shards, read_shard
-from tests.bruteforce import named_grads, single_logp
+from tests.bruteforce import named_grads, project_named_grads, single_logp
 
 BETA = 0.1
 
@@ -53,17 +53,8 @@ def test_per_sequence_projection_matches_brute_force(
         tiny_model.zero_grad()
         own_loss = n * coefficient[row] * -single_logp(tiny_model, tiny_sequences[seq_index])
         grads = named_grads(own_loss, tiny_model)
-        parts = []
-        for layer in shard.strings["projected_layers"]:
-            parts.append(
-                projector.project_dense_weight(layer, grads[f"{layer}.weight"]).reshape(-1)
-            )
-            if f"{layer}.bias" in grads:
-                p_out = projector.factor(
-                    layer, "out", grads[f"{layer}.bias"].shape[0], torch.device("cpu")
-                )
-                parts.append(p_out @ grads[f"{layer}.bias"].float())
-        expected = torch.cat(parts).double()
+        names = shard.strings["projected_parameters"]
+        expected = project_named_grads(projector, names, grads)
         got = per_sequence[row].double()
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
     positive = per_sequence[:n].sum(0).numpy() / n

@@ -34,7 +34,7 @@ from graddyn.models import disable_dropout, load_model, load_tokenizer
 from graddyn.store.manifest import read_manifest
 from graddyn.store.shard import list_shards, read_shard
 from graddyn.train.dpo import DPOConfig, train_dpo
-from tests.bruteforce import flat_grad, named_grads, single_logp
+from tests.bruteforce import flat_grad, named_grads, project_named_grads, single_logp
 from tests.conftest import make_tiny_model
 
 BETA = 0.1
@@ -87,18 +87,6 @@ def capture_pair_steps(model, run_dir, steps, config):
 def rows_by_sequence(shard) -> dict[int, np.ndarray]:
     ids = shard.arrays["grads/sequence_id"].tolist()
     return dict(zip(ids, shard.arrays["grads/per_sequence"], strict=True))
-
-
-def project_named_grads(projector, layers, grads) -> torch.Tensor:
-    """Flat projected row of explicit gradients, in the capture layout order."""
-    parts = []
-    for layer in layers:
-        parts.append(projector.project_dense_weight(layer, grads[f"{layer}.weight"]).reshape(-1))
-        bias = grads.get(f"{layer}.bias")
-        if bias is not None:
-            p_out = projector.factor(layer, "out", bias.shape[0], torch.device("cpu"))
-            parts.append(p_out.double() @ bias.double())
-    return torch.cat([p.double() for p in parts])
 
 
 # F01: prompt tokens never count in logp, and each component is its own term's gradient.
@@ -470,7 +458,7 @@ def test_f15_per_sample_independent_of_batch(tiny_model, tiny_sequences, tmp_pat
         assert_close(rows_alone[sid], rows_together[sid], 1e-6, f"sequence {sid}")
 
     projector = KroneckerProjector(config.projection)
-    layers = together.strings["projected_layers"]
+    layers = together.strings["projected_parameters"]
     own_rows = {}
     for pair_id, chosen, rejected, (ref_c, ref_r) in (pair_a, pair_b):
         lp_c, lp_r = single_logp(tiny_model, chosen), single_logp(tiny_model, rejected)

@@ -32,7 +32,7 @@ def _pairs_dataset(real_pairs, n=8):
     )
 
 
-def _dpo_trainer(cls, model_dir, dataset, out, **extra):
+def _dpo_trainer(cls, model_dir, dataset, out, checkpointing=False, **extra):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -51,7 +51,7 @@ def _dpo_trainer(cls, model_dir, dataset, out, **extra):
         seed=0,
         data_seed=0,
         disable_tqdm=True,
-        gradient_checkpointing=False,
+        gradient_checkpointing=checkpointing,
         bf16=False,
     )
     return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **extra)
@@ -108,7 +108,7 @@ def test_trl_dpo_capture_is_exact_and_changes_nothing(tiny_model_dir, real_pairs
         np.testing.assert_allclose(shard.attrs["metrics"]["loss"], out.loss.item(), rtol=1e-5)
         assert shard.attrs["grad_clipping"]["clipped"] is True
         assert shard.attrs["mixed_precision"] == "no"
-        assert "lm_head" not in shard.strings["projected_layers"]
+        assert "lm_head.weight" not in shard.strings["projected_parameters"]
 
 
 def test_trl_refuses_unsupported_settings(tiny_model_dir, real_pairs, tmp_path):
@@ -132,3 +132,28 @@ def test_trl_refuses_unsupported_settings(tiny_model_dir, real_pairs, tmp_path):
             processing_class=tokenizer,
             graddyn_run_dir=tmp_path / "run",
         )
+
+
+def test_trl_capture_with_gradient_checkpointing(tiny_model_dir, real_pairs, tmp_path):
+    """TRL turns checkpointing on by default: the capture must equal a run without it."""
+    from graddyn.integrations.trl import GraddynDPOTrainer
+
+    dataset = _pairs_dataset(real_pairs)
+    rows = {}
+    for checkpointing in (False, True):
+        run_dir = tmp_path / f"run-{checkpointing}"
+        trainer = _dpo_trainer(
+            GraddynDPOTrainer,
+            tiny_model_dir,
+            dataset,
+            tmp_path / f"out-{checkpointing}",
+            checkpointing=checkpointing,
+            graddyn_run_dir=run_dir,
+            graddyn_config=CaptureConfig(every=1, exact_norms=True),
+        )
+        trainer.train()
+        shard = RunReader(run_dir).shard(0)
+        assert shard.attrs["gradient_checkpointing"] is checkpointing
+        rows[checkpointing] = (shard.arrays["grads/per_sequence"], shard.arrays["grads/norm"])
+    for a, b in zip(rows[False], rows[True], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())

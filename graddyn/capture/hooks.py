@@ -1,44 +1,67 @@
-"""Per-sample projected gradients of Linear layers, computed inside forward/backward hooks.
+"""Per-sample gradient quantities of every layer in scope, computed inside hooks.
 
-For a Linear layer with inputs `x` (B, T, in) and output gradients `g` (B, T, out), the
-gradient of row b is `Σ_t g[b,t] x[b,t]ᵀ`. The hooks project `x` and `g` separately and
-only keep the (B, k_out, k_in) result, so neither the per-sample gradient nor any extra
-backward pass is needed. The hooks read tensors the training pass already computes and
-change nothing: the gradient the optimizer sees is the same bit for bit.
+While armed, a forward hook on each supported module keeps what its sampler needs (the
+input, or the token ids of an embedding) and hooks the module's output; when the gradient
+of that output arrives during the user's own backward pass, the sampler's factors are
+turned into what is configured:
 
-Only Linear layers are captured per sample; the parameters of other modules in scope
-(embeddings, norms) appear in checkpoints and in exact replay, but not in the projected
-per-sample gradients. `LinearHooks.layout` lists exactly which parameters are projected.
+* projected per-sample gradients (Kronecker factors per parameter, never the gradient);
+* exact per-sample squared norms (ghost norms where the sequence is short enough);
+* exact per-sample dot products with given directions;
+* explicit per-sample gradients (for checks and benchmarks).
+
+Everything is keyed by parameter name, so a weight shared by two modules (tied input and
+output embeddings) gets one per-sample gradient, the sum of both contributions. The hooks
+change nothing: the gradient the optimizer sees is the same bit for bit. Passes under
+`torch.no_grad()` (reference models, generation) are ignored, and so are backward passes
+run while `paused`. A trainable module with no sampler is refused when the hooks are
+built, with its name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
 from graddyn.capture.projection import KroneckerProjector
+from graddyn.capture.samplers import (
+    Factor,
+    Vector,
+    cross,
+    directional,
+    explicit,
+    projected,
+    sampler_for,
+    squared_norms,
+)
 
 
 @dataclass(frozen=True)
-class LayerSlot:
-    """Where one layer's projected gradient sits in a flat per-sample row."""
+class ParameterSlot:
+    """Where one parameter's projected gradient sits in a flat per-sample row."""
 
-    layer: str
-    weight_shape: tuple[int, int]
-    has_bias: bool
+    name: str
+    shape: tuple[int, ...]
     offset: int
     size: int
 
 
-class LinearHooks:
-    """Hooks on the Linear layers of a model, armed only while a step is being captured.
+@dataclass
+class Collect:
+    """Which per-sample quantities the hooks compute."""
 
-    While armed, every forward pass with gradient enabled stores each layer's input and
-    hooks its output; when the gradient of that output arrives, the projected per-row
-    gradients are added to `self.rows[layer]`. Passes under `torch.no_grad()` (reference
-    models, generation) are ignored, and so are backward passes run while `paused`.
-    """
+    projected: bool = True
+    norms: bool = False
+    explicit: bool = False
+    directions: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    chunk_rows: int | None = None
+
+
+class LayerHooks:
+    """Hooks on the supported modules of a model, armed only while a step is captured."""
 
     def __init__(
         self,
@@ -46,38 +69,81 @@ class LinearHooks:
         projector: KroneckerProjector,
         parameter_names: set[str],
         exclude: set[str] | None = None,
+        strict: bool = True,
     ) -> None:
         self.projector = projector
-        self.modules: dict[str, torch.nn.Linear] = {}
-        for name, module in model.named_modules():
-            if name in (exclude or set()):
-                continue
-            if isinstance(module, torch.nn.Linear) and f"{name}.weight" in parameter_names:
-                self.modules[name] = module
-        self.layout = self._layout()
-        self.width = sum(slot.size for slot in self.layout)
-        self.rows: dict[str, torch.Tensor] = {}
+        self.collect = Collect()
         self.paused = False
+        self.modules = self._find_modules(model, parameter_names, set(exclude or ()), strict)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        in_scope = [
+            n for n in shapes if any(n in names.values() for _, _, names in self.modules.values())
+        ]
+        self.layout = self._layout(in_scope, shapes)
+        self.uses = {
+            slot.name: sum(slot.name in names.values() for _, _, names in self.modules.values())
+            for slot in self.layout
+        }
+        self.width = sum(slot.size for slot in self.layout)
         self._handles: list = []
+        self._reset()
 
-    def _layout(self) -> list[LayerSlot]:
+    @staticmethod
+    def _find_modules(model, parameter_names: set[str], exclude: set[str], strict: bool) -> dict:
+        name_of = {id(p): n for n, p in model.named_parameters() if n in parameter_names}
+        excluded = {
+            id(p)
+            for name, module in model.named_modules()
+            if name in exclude
+            for p in module.parameters(recurse=False)
+        }
+        modules, unsupported = {}, []
+        for name, module in model.named_modules():
+            direct = {
+                attr: name_of[id(p)]
+                for attr, p in module.named_parameters(recurse=False)
+                if id(p) in name_of and id(p) not in excluded
+            }
+            if not direct or name in exclude:
+                continue
+            sampler = sampler_for(module)
+            if sampler is None:
+                unsupported.append(f"{name} ({type(module).__name__})")
+                continue
+            modules[name] = (module, sampler, direct)
+        if unsupported and strict:
+            raise ValueError(
+                "graddyn has no per-sample gradient for the trainable module(s) "
+                f"{', '.join(unsupported)}; freeze their parameters or exclude them"
+            )
+        return modules
+
+    def _layout(self, names: list[str], shapes: dict[str, tuple]) -> list[ParameterSlot]:
         slots, offset = [], 0
         k_in, k_out = self.projector.spec.k_in, self.projector.spec.k_out
-        for name, module in self.modules.items():
-            has_bias = module.bias is not None and module.bias.requires_grad
-            size = k_out * k_in + (k_out if has_bias else 0)
-            shape = (module.out_features, module.in_features)
-            slots.append(LayerSlot(name, shape, has_bias, offset, size))
+        for name in names:
+            size = k_out * k_in if len(shapes[name]) == 2 else k_out
+            slots.append(ParameterSlot(name, shapes[name], offset, size))
             offset += size
         return slots
 
+    def _reset(self) -> None:
+        # Every store maps a key to {row chunk: tensor}; chunks are joined when read.
+        self.rows: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self.explicit: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self.dots: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self.norms: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self._factors: dict[str, dict[int, list[Factor]]] = defaultdict(lambda: defaultdict(list))
+        self._calls: dict[str, int] = defaultdict(int)
+
     def arm(self) -> None:
         """Start collecting for one micro-batch (forward hooks stay until `disarm`)."""
-        self.rows = {}
+        self._reset()
         self.paused = False
         if not self._handles:
-            for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            for name, (module, sampler, _) in self.modules.items():
+                hook = self._forward_hook(name, sampler)
+                self._handles.append(module.register_forward_hook(hook))
 
     def disarm(self) -> None:
         """Remove the hooks; the model runs exactly as without graddyn."""
@@ -85,36 +151,98 @@ class LinearHooks:
             handle.remove()
         self._handles = []
 
-    def flat_rows(self) -> torch.Tensor:
-        """(B, width) projected per-row gradients of the last micro-batch, in layout order."""
-        missing = [slot.layer for slot in self.layout if slot.layer not in self.rows]
-        if missing:
-            raise RuntimeError(
-                f"no gradient reached layers {missing[:3]}: call start_step() before the "
-                "forward pass, observe() after it, and loss.backward() before end_step()"
-            )
-        return torch.cat([self.rows[slot.layer] for slot in self.layout], dim=1)
-
-    def _forward_hook(self, name: str):
-        def hook(module: torch.nn.Linear, args: tuple, output: torch.Tensor) -> None:
+    def _forward_hook(self, name: str, sampler):
+        def hook(module, args, output) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            inputs = args[0].detach()
-            output.register_hook(lambda grad: self._on_output_grad(name, module, inputs, grad))
+            saved = sampler.save(module, args)
+            output.register_hook(lambda grad: self._on_output_grad(name, saved, grad))
 
         return hook
 
-    def _on_output_grad(
-        self, name: str, module: torch.nn.Linear, inputs: torch.Tensor, grad: torch.Tensor
-    ) -> None:
+    def _on_output_grad(self, name: str, saved: torch.Tensor, grad: torch.Tensor) -> None:
         if self.paused:
             return
+        if self.collect.norms and self._calls[name] > 1:
+            raise RuntimeError(
+                f"module {name} ran more than once in one forward pass; exact "
+                "per-sample norms need each module to run once"
+            )
+        module, sampler, names = self.modules[name]
         batch = grad.shape[0]
-        x = inputs.reshape(batch, -1, inputs.shape[-1])
-        g = grad.detach().reshape(batch, -1, grad.shape[-1])
-        weight, bias = self.projector.project_weight_gradient(name, x, g)
-        parts = [weight.reshape(batch, -1)]
-        if module.bias is not None and module.bias.requires_grad:
-            parts.append(bias)
-        row = torch.cat(parts, dim=1)
-        self.rows[name] = self.rows[name] + row if name in self.rows else row
+        grad = grad.detach().reshape(batch, -1, grad.shape[-1])
+        if saved.dim() > 2:
+            saved = saved.reshape(batch, -1, saved.shape[-1])
+        else:
+            saved = saved.reshape(batch, -1)
+        step = self.collect.chunk_rows or batch
+        for chunk, start in enumerate(range(0, batch, step)):
+            rows = slice(start, start + step)
+            for attr, factor in sampler.factors(module, saved[rows], grad[rows]).items():
+                self._take(names[attr], chunk, factor)
+
+    def _take(self, parameter: str, chunk: int, factor: Factor) -> None:
+        collect = self.collect
+        if collect.projected:
+            self._add(self.rows[parameter], chunk, self._project(parameter, factor))
+        if collect.explicit:
+            self._add(self.explicit[parameter], chunk, explicit(factor))
+        for key, direction in collect.directions.items():
+            if parameter in direction:
+                self._add(self.dots[key], chunk, directional(factor, direction[parameter]))
+        if collect.norms:
+            if self.uses[parameter] == 1:
+                self._add(self.norms[parameter], chunk, squared_norms(factor))
+            else:
+                self._factors[parameter][chunk].append(factor)
+
+    @staticmethod
+    def _add(store: dict, key, value: torch.Tensor) -> None:
+        store[key] = store[key] + value if key in store else value
+
+    def _project(self, parameter: str, factor: Factor) -> torch.Tensor:
+        device = factor.values.device if isinstance(factor, Vector) else factor.right.device
+        shape = next(s.shape for s in self.layout if s.name == parameter)
+        p_rows = self.projector.factor(parameter, "out", shape[0], device)
+        p_cols = (
+            self.projector.factor(parameter, "in", shape[1], device) if len(shape) == 2 else None
+        )
+        return projected(factor, p_rows, p_cols)
+
+    def _joined(self, store: dict, parameter: str) -> torch.Tensor:
+        chunks = store.get(parameter)
+        if not chunks:
+            raise RuntimeError(
+                f"no gradient reached {parameter}: call start_step() before the forward "
+                "pass, observe() after it, and loss.backward() before end_step()"
+            )
+        return torch.cat([chunks[i] for i in sorted(chunks)], dim=0)
+
+    def flat_rows(self) -> torch.Tensor:
+        """(B, width) projected per-row gradients of the last micro-batch, in layout order."""
+        return torch.cat([self._joined(self.rows, slot.name) for slot in self.layout], dim=1)
+
+    def squared_norms(self) -> torch.Tensor:
+        """(B,) exact squared norms of the per-row gradients over every parameter in scope.
+
+        A parameter reached by several modules (tied embeddings) sums the inner products
+        of all its contributions, so the cross terms count; none is formed explicitly.
+        """
+        for name, chunks in self._factors.items():
+            for chunk, factors in chunks.items():
+                self.norms[name][chunk] = sum(cross(a, b) for a in factors for b in factors)
+        return sum(self._joined(self.norms, slot.name) for slot in self.layout)
+
+    def flat_explicit(self) -> torch.Tensor:
+        """(B, P) explicit per-row gradients, parameters in layout order."""
+        return torch.cat(
+            [self._joined(self.explicit, s.name).flatten(1) for s in self.layout], dim=1
+        )
+
+    def directional(self, key: str) -> torch.Tensor:
+        """(B,) exact ⟨per-row gradient, direction `key`⟩ over the parameters it covers."""
+        return self._joined(self.dots, key)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(slot.shape) for slot in self.layout)

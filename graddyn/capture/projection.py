@@ -5,9 +5,12 @@ Every matrix is drawn on the CPU from a `torch.Generator` seeded by a stable has
 so that `E‖Px‖² = ‖x‖²`). The same spec therefore gives bitwise the same matrices in
 every process and on every device.
 
-* `KroneckerProjector` projects a Linear layer's per-sample gradient `Σ_t g_t x_tᵀ`
-  (out x in) to `P_out (Σ_t g_t x_tᵀ) P_inᵀ` (k_out x k_in) by projecting the output
-  gradients and the inputs separately, so the per-sample gradient is never formed.
+* `KroneckerProjector` projects the per-sample gradient of a matrix parameter, e.g. a
+  Linear layer's `Σ_t g_t x_tᵀ` (out x in), to `P_out (Σ_t g_t x_tᵀ) P_inᵀ`
+  (k_out x k_in) by projecting the two factors separately, so the per-sample gradient is
+  never formed; a vector parameter (bias, norm weight) is projected by `P_out` alone.
+  Factors are keyed by parameter name, so a weight tied between two modules is
+  projected once.
 * `DenseProjector` projects a flat vector of a small parameter subset with one dense
   matrix, generated in row blocks.
 """
@@ -91,6 +94,13 @@ class KroneckerProjector:
         p_in = self.factor(layer, "in", weight_grad.shape[1], weight_grad.device)
         p_out = self.factor(layer, "out", weight_grad.shape[0], weight_grad.device)
         return p_out @ weight_grad.float() @ p_in.T
+
+    def project_parameter(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """The flat projection of an explicit gradient of parameter `name`, as the capture
+        hooks compute it: `P_out G P_inᵀ` for a matrix, `P_out g` for a vector."""
+        if grad.dim() == 2:
+            return self.project_dense_weight(name, grad).reshape(-1)
+        return self.factor(name, "out", grad.shape[0], grad.device) @ grad.float()
 
 
 class DenseProjector:

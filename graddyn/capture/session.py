@@ -14,7 +14,7 @@
 
 On a capture step the session takes a checkpoint of the trainable parameters before the
 optimizer step, the applied update after it, the items of every micro-batch, and the
-projected per-sequence gradients the Linear hooks computed during the user's own
+projected per-sequence gradients the layer hooks computed during the user's own
 backward passes. It never runs a pass of its own and never touches `.grad`, so training
 is bitwise the same with and without it. Writes happen on a background thread.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from graddyn.capture.hooks import LinearHooks
+from graddyn.capture.hooks import Collect, LayerHooks
 from graddyn.capture.projection import KroneckerProjector, ProjectionSpec
 from graddyn.data.collate import FlatSequences, SequenceBatch, flatten_batch
 from graddyn.items import Items, regroup
@@ -57,6 +57,10 @@ class CaptureConfig:
         every: capture every `every` steps (step 0 included) and always the last step.
         projection: the Kronecker projection of per-sequence gradients.
         per_sequence: store projected per-sequence gradients.
+        exact_norms: store the exact norm of each sequence's gradient over every parameter
+            in scope (`grads/norm`), from the same hooks, without forming the gradients.
+        explicit_gradients: store each sequence's full gradient (`grads/explicit`, one
+            row of every parameter in scope per sequence); for small models and checks.
         full_aggregates: also store the exact, unprojected aggregated gradient of each
             component over every parameter in scope. Costs one extra backward pass per
             component on capture steps (through the retained graph) and a parameter-sized
@@ -72,6 +76,8 @@ class CaptureConfig:
     every: int = 10
     projection: ProjectionSpec = field(default_factory=ProjectionSpec)
     per_sequence: bool = True
+    exact_norms: bool = False
+    explicit_gradients: bool = False
     full_aggregates: bool = False
     checkpoints: bool = True
     verify_items: bool = True
@@ -101,18 +107,24 @@ class CaptureSession:
         self.parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise ValueError("the model has no parameter with requires_grad=True")
-        self.hooks = LinearHooks(
+        self.hooks = LayerHooks(
             model,
             KroneckerProjector(self.config.projection),
             set(self.parameters),
             exclude=set(self.config.exclude_layers),
+            strict=self._uses_hooks,
+        )
+        self.hooks.collect = Collect(
+            projected=self.config.per_sequence,
+            norms=self.config.exact_norms,
+            explicit=self.config.explicit_gradients,
         )
         self.writer = AsyncWriter(self.config.max_pending_writes)
         self.captured_steps: list[int] = []
         self._step: int | None = None
         self._before: dict[str, torch.Tensor] = {}
         self._items: list[dict[str, np.ndarray]] = []
-        self._rows: list[tuple[np.ndarray, torch.Tensor]] = []
+        self._rows: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
         self._pending_rows: np.ndarray | None = None
         self._sequences: list[tuple[np.ndarray, FlatSequences]] = []
         self._normalizer = 1
@@ -125,7 +137,7 @@ class CaptureSession:
             "capture": self.config.to_dict(),
             "total_steps": self.total_steps,
             "parameter_names": list(self.parameters),
-            "projected_layers": [asdict(slot) for slot in self.hooks.layout],
+            "projected_parameters": [asdict(slot) for slot in self.hooks.layout],
             "reduction": REDUCTION,
         }
 
@@ -150,7 +162,8 @@ class CaptureSession:
         if self.config.checkpoints:
             self._before = {n: p.detach().to("cpu", copy=True) for n, p in self.parameters.items()}
         self._full_aggregates = {}
-        self.hooks.arm()
+        if self._uses_hooks:
+            self.hooks.arm()
         return True
 
     def observe(
@@ -187,7 +200,8 @@ class CaptureSession:
         row_ids = rows.detach().cpu().numpy().astype(np.int64)
         if self.config.full_aggregates:
             self._add_full_aggregates(items)
-        self.hooks.arm()
+        if self._uses_hooks:
+            self.hooks.arm()
         self._pending_rows = row_ids
         self._normalizer = items.normalizer
         self._sequences.append((row_ids, flatten_batch(batch)))
@@ -231,11 +245,25 @@ class CaptureSession:
             self.hooks.paused = False
 
     def _collect_rows(self) -> None:
-        if self._pending_rows is None or not self.config.per_sequence:
+        """Per-sequence quantities of the last micro-batch, scaled to each sequence's own
+        loss (the normalizer of the batch mean removed)."""
+        if self._pending_rows is None or not self._uses_hooks:
             return
-        rows = self.hooks.flat_rows().cpu() * self._normalizer
-        self._rows.append((self._pending_rows, rows))
+        n, collect = self._normalizer, self.hooks.collect
+        quantities = {}
+        if collect.projected:
+            quantities["per_sequence"] = self.hooks.flat_rows().cpu() * n
+        if collect.norms:
+            quantities["norm"] = self.hooks.squared_norms().cpu().sqrt() * n
+        if collect.explicit:
+            quantities["explicit"] = self.hooks.flat_explicit().cpu() * n
+        self._rows.append((self._pending_rows, quantities))
         self._pending_rows = None
+
+    @property
+    def _uses_hooks(self) -> bool:
+        config = self.config
+        return config.per_sequence or config.exact_norms or config.explicit_gradients
 
     def end_step(
         self,
@@ -279,10 +307,12 @@ class CaptureSession:
         arrays.update(_sequence_arrays(self._sequences))
         if self._rows:
             sequence_ids = np.concatenate([ids for ids, _ in self._rows])
-            per_sequence = torch.cat([grads for _, grads in self._rows]).numpy()
             arrays["grads/sequence_id"] = sequence_ids
-            arrays["grads/per_sequence"] = per_sequence
-            components = _sequence_components(items, sequence_ids)
+            for key in self._rows[0][1]:
+                arrays[f"grads/{key}"] = torch.cat([q[key] for _, q in self._rows]).numpy()
+        if "grads/per_sequence" in arrays:
+            per_sequence = arrays["grads/per_sequence"]
+            components = _sequence_components(items, arrays["grads/sequence_id"])
             for name, sign in (("positive", 1), ("negative", -1)):
                 total = per_sequence[components == sign].sum(0) / self._normalizer
                 arrays[f"grads/aggregate/{name}"] = total
@@ -302,7 +332,7 @@ class CaptureSession:
         )
         strings = {
             "parameter_names": list(self.parameters),
-            "projected_layers": [slot.layer for slot in self.hooks.layout],
+            "projected_parameters": [slot.name for slot in self.hooks.layout],
         }
         arrays["layout/offset"] = np.array([s.offset for s in self.hooks.layout], np.int64)
         arrays["layout/size"] = np.array([s.size for s in self.hooks.layout], np.int64)

@@ -74,11 +74,6 @@ class CaptureMixin:
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if getattr(self.args, "gradient_checkpointing", False):
-            raise ValueError(
-                "graddyn capture does not support gradient_checkpointing=True: "
-                "recomputed forward passes would be captured twice"
-            )
         self.graddyn_run_dir = Path(graddyn_run_dir)
         self.graddyn_config = graddyn_config or CaptureConfig()
         self.graddyn_session: CaptureSession | None = None
@@ -109,6 +104,7 @@ class CaptureMixin:
                 "captured": "per-sequence gradients before clipping",
             },
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
             "attention_implementation": getattr(model.config, "_attn_implementation", ""),
             "dropout_disabled": not any(
                 isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()

@@ -10,7 +10,7 @@ loss, and that `∂loss/∂log π` of every row is graddyn's `-β ω / N`.
 
 TRL's fused LM head never materialises logits and bypasses the LM head module, so the
 output layer is left out of the projected per-sequence gradients (the shard's
-`projected_layers` lists what is in); replay is exact over every parameter regardless.
+`projected_parameters` lists what is in); replay is exact over every parameter regardless.
 Settings whose loss is not plain sigmoid DPO are refused at construction.
 """
 

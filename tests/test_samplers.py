@@ -57,7 +57,7 @@ MODELS = {
 def capture(model, sequences, pad_id, collect, padding_side="right"):
     """Hooked quantities of `Σ_b c_b · (-log π_b)` for distinct weights c_b."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    hooks = LayerHooks(model, KroneckerProjector(SPEC), names)
+    hooks = LayerHooks(model, SPEC, names)
     hooks.collect = collect
     hooks.arm()
     batch = collate_sequences(sequences, pad_id, padding_side)
@@ -146,10 +146,10 @@ def test_unsupported_trainable_module_is_refused_by_name(tokenizer):
     model.gpt_neox.extra_scale = Scale()
     names = {n for n, _ in model.named_parameters()}
     with pytest.raises(ValueError, match=r"gpt_neox\.extra_scale \(Scale\)"):
-        LayerHooks(model, KroneckerProjector(SPEC), names)
+        LayerHooks(model, SPEC, names)
     model.gpt_neox.extra_scale.requires_grad_(False)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    LayerHooks(model, KroneckerProjector(SPEC), names)
+    LayerHooks(model, SPEC, names)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -162,3 +162,28 @@ def test_gradient_checkpointing_captures_once(reentrant, tokenizer, tiny_sequenc
     hooks, _ = capture(model, tiny_sequences, 0, Collect(projected=True, norms=True))
     assert torch.allclose(hooks.flat_rows(), expected[0], rtol=1e-6, atol=1e-12)
     assert torch.allclose(hooks.squared_norms(), expected[1], rtol=1e-6)
+
+
+def test_dense_projection_of_a_small_scope(tokenizer, tiny_sequences, monkeypatch):
+    import graddyn.capture.hooks as hooks_module
+    from graddyn.capture.projection import DenseProjector
+
+    model = make_tiny_model(len(tokenizer))
+    spec = ProjectionSpec(kind="dense", seed=4, k_out=64)
+    scope = {n for n, _ in model.named_parameters() if n.startswith("gpt_neox.layers.1.")}
+    hooks = LayerHooks(model, spec, scope)
+    hooks.collect = Collect(projected=True)
+    hooks.arm()
+    batch = collate_sequences(tiny_sequences, 0)
+    weights = torch.linspace(0.5, 2.0, len(tiny_sequences), dtype=torch.float64)
+    (weights * -sequence_logprobs(model, batch)).sum().backward()
+    rows = hooks.flat_rows()
+    projector = DenseProjector(spec, hooks.parameter_count)
+    names = [slot.name for slot in hooks.layout]
+    for b, grads in enumerate(brute_force(model, tiny_sequences, weights)):
+        flat = torch.cat([grads[n].reshape(-1) for n in names])
+        expected = projector.project(flat.unsqueeze(0))[0]
+        assert torch.allclose(rows[b], expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    monkeypatch.setattr(hooks_module, "DENSE_LIMIT", 1000)
+    with pytest.raises(ValueError, match="kronecker"):
+        LayerHooks(model, spec, scope)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from graddyn.capture.projection import KroneckerProjector
+from graddyn.capture.projection import DenseProjector, KroneckerProjector, ProjectionSpec
 from graddyn.capture.samplers import (
     Factor,
     Vector,
@@ -37,6 +37,8 @@ from graddyn.capture.samplers import (
     sampler_for,
     squared_norms,
 )
+
+DENSE_LIMIT = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,12 @@ class LayerHooks:
     def __init__(
         self,
         model: torch.nn.Module,
-        projector: KroneckerProjector,
+        spec: ProjectionSpec,
         parameter_names: set[str],
         exclude: set[str] | None = None,
         strict: bool = True,
     ) -> None:
-        self.projector = projector
+        self.spec = spec
         self.collect = Collect()
         self.paused = False
         self.modules = self._find_modules(model, parameter_names, set(exclude or ()), strict)
@@ -80,11 +82,12 @@ class LayerHooks:
             n for n in shapes if any(n in names.values() for _, _, names in self.modules.values())
         ]
         self.layout = self._layout(in_scope, shapes)
+        self.projector = self._projector(spec)
         self.uses = {
             slot.name: sum(slot.name in names.values() for _, _, names in self.modules.values())
             for slot in self.layout
         }
-        self.width = sum(slot.size for slot in self.layout)
+        self.width = spec.k_out if self.dense else sum(slot.size for slot in self.layout)
         self._handles: list = []
         self._reset()
 
@@ -120,12 +123,30 @@ class LayerHooks:
 
     def _layout(self, names: list[str], shapes: dict[str, tuple]) -> list[ParameterSlot]:
         slots, offset = [], 0
-        k_in, k_out = self.projector.spec.k_in, self.projector.spec.k_out
+        k_in, k_out = self.spec.k_in, self.spec.k_out
         for name in names:
             size = k_out * k_in if len(shapes[name]) == 2 else k_out
             slots.append(ParameterSlot(name, shapes[name], offset, size))
             offset += size
         return slots
+
+    def _projector(self, spec: ProjectionSpec):
+        if spec.kind == "kronecker":
+            return KroneckerProjector(spec)
+        if spec.kind == "dense":
+            count = self.parameter_count
+            if count > DENSE_LIMIT:
+                raise ValueError(
+                    f"a dense projection of {count:,} parameters needs a {spec.k_out} x "
+                    f"{count:,} matrix per row block; use the 'kronecker' projection or "
+                    f"narrow the capture scope to at most {DENSE_LIMIT:,} parameters"
+                )
+            return DenseProjector(spec, count)
+        raise ValueError(f"unknown projection kind {spec.kind!r}: 'kronecker' or 'dense'")
+
+    @property
+    def dense(self) -> bool:
+        return self.spec.kind == "dense"
 
     def _reset(self) -> None:
         # Every store maps a key to {row chunk: tensor}; chunks are joined when read.
@@ -183,9 +204,9 @@ class LayerHooks:
 
     def _take(self, parameter: str, chunk: int, factor: Factor) -> None:
         collect = self.collect
-        if collect.projected:
+        if collect.projected and not self.dense:
             self._add(self.rows[parameter], chunk, self._project(parameter, factor))
-        if collect.explicit:
+        if collect.explicit or (collect.projected and self.dense):
             self._add(self.explicit[parameter], chunk, explicit(factor))
         for key, direction in collect.directions.items():
             if parameter in direction:
@@ -220,6 +241,8 @@ class LayerHooks:
 
     def flat_rows(self) -> torch.Tensor:
         """(B, width) projected per-row gradients of the last micro-batch, in layout order."""
+        if self.dense:
+            return self.projector.project(self.flat_explicit())
         return torch.cat([self._joined(self.rows, slot.name) for slot in self.layout], dim=1)
 
     def squared_norms(self) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from graddyn.capture.hooks import Collect, LayerHooks
-from graddyn.capture.projection import KroneckerProjector, ProjectionSpec
+from graddyn.capture.projection import ProjectionSpec
 from graddyn.data.collate import FlatSequences, SequenceBatch, flatten_batch
 from graddyn.items import Items, regroup
 from graddyn.store.manifest import write_manifest
@@ -68,8 +68,10 @@ class CaptureConfig:
         checkpoints: store the parameters before each captured step and the update.
         verify_items: check on every captured micro-batch that `∂loss/∂items.logp`
             equals `-items.coefficient` (the items really describe the loss).
-        exclude_layers: names of Linear modules left out of the projected per-sequence
-            gradients (for example an LM head that a fused kernel bypasses).
+        exclude_layers: names of modules left out of the per-sequence quantities (for
+            example an LM head that a fused kernel bypasses).
+        scope: parameter-name prefixes of the per-sequence quantities (empty: every
+            trainable parameter). The dense projection needs a small scope.
         max_pending_writes: bound of the background writer's queue.
     """
 
@@ -82,6 +84,7 @@ class CaptureConfig:
     checkpoints: bool = True
     verify_items: bool = True
     exclude_layers: tuple[str, ...] = ()
+    scope: tuple[str, ...] = ()
     max_pending_writes: int = 2
 
     def to_dict(self) -> dict:
@@ -109,8 +112,8 @@ class CaptureSession:
             raise ValueError("the model has no parameter with requires_grad=True")
         self.hooks = LayerHooks(
             model,
-            KroneckerProjector(self.config.projection),
-            set(self.parameters),
+            self.config.projection,
+            {n for n in self.parameters if _in_scope(n, self.config.scope)},
             exclude=set(self.config.exclude_layers),
             strict=self._uses_hooks,
         )
@@ -394,6 +397,10 @@ def verify_items(items: Items, loss: torch.Tensor, rtol: float = 1e-4) -> None:
             f"items do not describe the loss: at item {index} d loss/d logp = "
             f"{grad[index].item():.6g}, but -scale*sign*weight = {expected[index].item():.6g}"
         )
+
+
+def _in_scope(name: str, scope: tuple[str, ...]) -> bool:
+    return not scope or any(name.startswith(prefix) for prefix in scope)
 
 
 def _sequence_arrays(sequences: list[tuple[np.ndarray, FlatSequences]]) -> dict:

@@ -72,6 +72,11 @@ class CaptureConfig:
             example an LM head that a fused kernel bypasses).
         scope: parameter-name prefixes of the per-sequence quantities (empty: every
             trainable parameter). The dense projection needs a small scope.
+        storage_dtype: "float32" or "float16" for stored gradients (computation always
+            accumulates in float32 or higher). A float16 value that would overflow makes
+            the shard fall back to float32, with a warning; inf is never written.
+        memory_budget_mb: bound on the hooks' per-micro-batch working memory; rows are
+            processed in chunks that fit it (results are the same for any chunking).
         max_pending_writes: bound of the background writer's queue.
     """
 
@@ -85,6 +90,8 @@ class CaptureConfig:
     verify_items: bool = True
     exclude_layers: tuple[str, ...] = ()
     scope: tuple[str, ...] = ()
+    storage_dtype: str = "float32"
+    memory_budget_mb: float | None = None
     max_pending_writes: int = 2
 
     def to_dict(self) -> dict:
@@ -132,6 +139,7 @@ class CaptureSession:
         self._sequences: list[tuple[np.ndarray, FlatSequences]] = []
         self._normalizer = 1
         self._full_aggregates: dict[str, torch.Tensor] = {}
+        self._dropout_active = False
         write_manifest(self.run_dir, self._manifest())
 
     def _manifest(self) -> dict:
@@ -165,6 +173,9 @@ class CaptureSession:
         if self.config.checkpoints:
             self._before = {n: p.detach().to("cpu", copy=True) for n, p in self.parameters.items()}
         self._full_aggregates = {}
+        self._dropout_active = self.model.training and any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()
+        )
         if self._uses_hooks:
             self.hooks.arm()
         return True
@@ -205,6 +216,7 @@ class CaptureSession:
             self._add_full_aggregates(items)
         if self._uses_hooks:
             self.hooks.arm()
+            self.hooks.collect.chunk_rows = self._chunk_rows(batch)
         self._pending_rows = row_ids
         self._normalizer = items.normalizer
         self._sequences.append((row_ids, flatten_batch(batch)))
@@ -246,6 +258,42 @@ class CaptureSession:
                     self._full_aggregates[key] = grad if previous is None else previous + grad
         finally:
             self.hooks.paused = False
+
+    def _chunk_rows(self, batch: SequenceBatch) -> int | None:
+        """Rows per chunk so that the hooks' working memory fits `memory_budget_mb`.
+
+        Per row, the largest buffers are an explicit gradient (4 bytes per parameter in
+        scope), a ghost-norm Gram matrix (4·T² per layer) and the projected factors
+        (4·T·(k_in + k_out) per layer).
+        """
+        budget = self.config.memory_budget_mb
+        if budget is None:
+            return None
+        length = batch.input_ids.shape[1]
+        spec = self.config.projection
+        per_row = 4 * length * (spec.k_in + spec.k_out)
+        if self.config.exact_norms:
+            per_row += 4 * length * length
+        if self.config.explicit_gradients or spec.kind == "dense":
+            per_row += 4 * self.hooks.parameter_count
+        return max(1, int(budget * 2**20 // per_row))
+
+    def _store_gradients(self, arrays: dict[str, np.ndarray]) -> str:
+        """Cast stored gradients to `storage_dtype`; fall back to float32 on overflow."""
+        if self.config.storage_dtype == "float32":
+            return "float32"
+        if self.config.storage_dtype != "float16":
+            raise ValueError(
+                f"storage_dtype must be 'float32' or 'float16', got {self.config.storage_dtype!r}"
+            )
+        keys = [k for k in arrays if k.startswith("grads/") and arrays[k].dtype.kind == "f"]
+        limit = np.finfo(np.float16).max
+        if any(np.abs(arrays[k]).max(initial=0.0) > limit for k in keys):
+            logger.warning("gradients exceed the float16 range; this shard stores float32")
+            return "float32"
+        for key in keys:
+            arrays[key] = arrays[key].astype(np.float16)
+        return "float16"
 
     def _collect_rows(self) -> None:
         """Per-sequence quantities of the last micro-batch, scaled to each sequence's own
@@ -321,6 +369,7 @@ class CaptureSession:
                 arrays[f"grads/aggregate/{name}"] = total
         for key, value in self._full_aggregates.items():
             arrays[f"grads/full/{key}"] = value.numpy()
+        storage = self._store_gradients(arrays)
         previous = self.captured_steps[-1] if self.captured_steps else -1
         attrs = dict(self.run_attrs)
         attrs.update(
@@ -330,6 +379,11 @@ class CaptureSession:
             reduction=REDUCTION,
             metrics=metrics,
             normalizer=self._normalizer,
+            gradient_storage_dtype=storage,
+            dropout_active=self._dropout_active,
+            attention_implementation=getattr(
+                getattr(self.model, "config", None), "_attn_implementation", "unknown"
+            ),
             checkpoint=f"checkpoints/{checkpoint_name(step)}" if self.config.checkpoints else "",
             update=f"checkpoints/{update_name(step)}" if self.config.checkpoints else "",
         )

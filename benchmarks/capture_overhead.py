@@ -14,6 +14,8 @@ projection against exact inner products and cosines of per-sample gradients.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -28,10 +30,10 @@ from torch.func import functional_call, grad, vmap
 from graddyn.capture.exact import directional_logprobs, exact_attention, trainable_parameters
 from graddyn.capture.projection import DenseProjector, KroneckerProjector, ProjectionSpec
 from graddyn.capture.session import CaptureConfig, CaptureSession
-from graddyn.logprobs import gather_token_logprobs, sequence_logprobs
+from graddyn.logprobs import sequence_logprobs
 from graddyn.losses.dpo import dpo_loss, sequence_id
 
-console = Console()
+console = Console(width=120)
 BETA = 0.1
 
 
@@ -95,30 +97,27 @@ def loop_step(setup: Setup, reference: torch.Tensor) -> Callable[[], None]:
 
 
 def vmap_step(setup: Setup) -> Callable[[], None]:
-    """Per-sample gradients with torch.func: vmap over rows of grad of each row's log-prob."""
+    """Per-sample gradients with torch.func: vmap over rows of grad of each row's log-prob.
+
+    Transformers' attention-mask preparation branches on the mask's values, which vmap
+    cannot trace, so rows are passed without a mask: with right padding the pad tokens
+    come after every real token and causal attention never lets them in.
+    """
     params = {k: v.detach() for k, v in trainable_parameters(setup.model).items()}
     batch = setup.batch
 
-    def row_logp(p, ids, mask, positions, response):
-        out = functional_call(
-            setup.model,
-            p,
-            kwargs=dict(
-                input_ids=ids[None],
-                attention_mask=mask[None],
-                position_ids=positions[None],
-                use_cache=False,
-            ),
-        )
-        one = type(batch)(ids[None], mask[None], positions[None], response[None])
-        return gather_token_logprobs(out.logits, one).sum()
+    def row_logp(p, ids, response):
+        out = functional_call(setup.model, p, kwargs=dict(input_ids=ids[None], use_cache=False))
+        logp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+        picked = logp.gather(-1, ids[1:, None])[:, 0]
+        return (picked * response[1:]).sum()
 
-    per_sample = vmap(grad(row_logp), in_dims=(None, 0, 0, 0, 0))
+    per_sample = vmap(grad(row_logp), in_dims=(None, 0, 0))
 
     def step() -> None:
         with warnings.catch_warnings(), exact_attention():
             warnings.simplefilter("ignore")
-            per_sample(params, *batch.as_tuple())
+            per_sample(params, batch.input_ids, batch.response_mask.float())
 
     return step
 
@@ -140,20 +139,46 @@ def replay_step(setup: Setup, reference: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def peak_ratio(base: Callable, variant: Callable) -> float:
-    """Peak resident memory above the starting point: variant step over plain step."""
-    peaks = []
-    for fn in (base, variant):
-        reset_peak_rss()
-        start = peak_rss_mb()
-        fn()
-        peaks.append(peak_rss_mb() - start)
-    return peaks[1] / max(peaks[0], 1e-9)
+def peak_growth_mb(step: Callable, warm: Callable) -> float:
+    """Peak resident memory growth during one call of `step`, after `warm` has run once
+    (so that allocator caches and one-time buffers are in place for both)."""
+    warm()
+    step()
+    reset_peak_rss()
+    start = peak_rss_mb()
+    step()
+    return peak_rss_mb() - start
+
+
+def child_memory(model_index: int, variant: str) -> float:
+    """Run in a fresh process: the peak growth of one step of `variant` ("plain" or a
+    variant name) on setup `model_index`."""
+    setup = setups()[model_index]
+    reference = reference_logps(setup)
+    base = plain_step(setup, reference)
+    step = base if variant == "plain" else variants(setup, reference)[variant]
+    return peak_growth_mb(step, base)
+
+
+def memory_ratios(model_index: int, names: list[str]) -> dict[str, float]:
+    """Peak memory of each variant's step over the plain step's, each in its own process."""
+
+    def measure(variant: str) -> float:
+        completed = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(model_index), variant],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return float(completed.stdout.strip().splitlines()[-1])
+
+    plain = measure("plain")
+    return {name: measure(name) / max(plain, 1.0) for name in names}
 
 
 def variants(setup: Setup, reference: torch.Tensor) -> dict[str, Callable]:
     kron = ProjectionSpec(kind="kronecker", seed=0, k_in=16, k_out=16)
-    last_layer = (f"{_layers_prefix(setup.model)}.{_last_layer(setup.model)}.",)
+    out_projection = (_last_layer_prefix(setup.model) + "attention.dense.",)
     dense = ProjectionSpec(kind="dense", seed=0, k_out=1024)
     quiet = dict(checkpoints=False, every=1)
     return {
@@ -163,8 +188,8 @@ def variants(setup: Setup, reference: torch.Tensor) -> dict[str, Callable]:
         "projected per-sample, Kronecker 16x16": captured_step(
             setup, reference, CaptureConfig(projection=kron, **quiet)
         ),
-        "projected per-sample, dense k=1024 (last layer)": captured_step(
-            setup, reference, CaptureConfig(projection=dense, scope=last_layer, **quiet)
+        "projected per-sample, dense k=1024 (one attention output layer)": captured_step(
+            setup, reference, CaptureConfig(projection=dense, scope=out_projection, **quiet)
         ),
         "exact per-sample norms": captured_step(
             setup, reference, CaptureConfig(per_sequence=False, exact_norms=True, **quiet)
@@ -183,20 +208,18 @@ def variants(setup: Setup, reference: torch.Tensor) -> dict[str, Callable]:
     }
 
 
-def _layers_prefix(model) -> str:
-    return next(
-        n.rsplit(".", 1)[0] for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
+def _last_layer_prefix(model) -> str:
+    name, layers = next(
+        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
     )
+    return f"{name}.{len(layers) - 1}."
 
 
-def _last_layer(model) -> int:
-    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
-    return len(layers) - 1
-
-
-def overhead_table(setup: Setup, pairs: int) -> Table:
+def overhead_table(setup: Setup, model_index: int, pairs: int) -> Table:
     reference = reference_logps(setup)
     base = plain_step(setup, reference)
+    measured = variants(setup, reference)
+    memory = memory_ratios(model_index, list(measured))
     table = Table(
         title=f"{setup.name}: {tuple(setup.batch.input_ids.shape)} tokens, "
         f"ratios to a plain DPO forward+backward ({pairs} interleaved pairs)"
@@ -204,10 +227,9 @@ def overhead_table(setup: Setup, pairs: int) -> Table:
     for column in ("variant", "time ratio (median)", "min-max", "peak memory ratio"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     with_writer = None
-    for name, variant in variants(setup, reference).items():
+    for name, variant in measured.items():
         median, low, high = interleaved_ratio(base, variant, pairs)
-        memory = peak_ratio(base, variant)
-        table.add_row(name, f"{median:.2f}x", f"{low:.2f}-{high:.2f}", f"{memory:.2f}x")
+        table.add_row(name, f"{median:.2f}x", f"{low:.2f}-{high:.2f}", f"{memory[name]:.2f}x")
         if name.startswith("projected per-sample, Kronecker"):
             with_writer = variant.session.config
     on = captured_step(setup, reference, with_writer, write=True)
@@ -317,13 +339,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=7, help="interleaved pairs per ratio")
     parser.add_argument("--quick", action="store_true", help="3 pairs, default model only")
+    parser.add_argument(
+        "--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.memory_child:
+        print(child_memory(int(args.memory_child[0]), args.memory_child[1]))
+        return
     pairs = 3 if args.quick else args.pairs
     torch.manual_seed(0)
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     chosen = setups()[:1] if args.quick else setups()
-    for setup in chosen:
-        console.print(overhead_table(setup, pairs))
+    for index, setup in enumerate(chosen):
+        console.print(overhead_table(setup, index, pairs))
         console.print(target_gradient_cost(setup, pairs))
     console.print(fidelity_table(chosen[0]))
     console.print(

@@ -237,6 +237,8 @@ class LayerHooks:
                 f"no gradient reached {parameter}: call start_step() before the forward "
                 "pass, observe() after it, and loss.backward() before end_step()"
             )
+        if len(chunks) == 1:
+            return next(iter(chunks.values()))
         return torch.cat([chunks[i] for i in sorted(chunks)], dim=0)
 
     def flat_rows(self) -> torch.Tensor:

@@ -124,6 +124,8 @@ class CaptureSession:
             exclude=set(self.config.exclude_layers),
             strict=self._uses_hooks,
         )
+        if self._uses_hooks and not self.hooks.layout:
+            raise ValueError(f"capture scope {self.config.scope} matches no trainable parameter")
         self.hooks.collect = Collect(
             projected=self.config.per_sequence,
             norms=self.config.exact_norms,
@@ -307,7 +309,7 @@ class CaptureSession:
         if collect.norms:
             quantities["norm"] = self.hooks.squared_norms().cpu().sqrt() * n
         if collect.explicit:
-            quantities["explicit"] = self.hooks.flat_explicit().cpu() * n
+            quantities["explicit"] = self.hooks.flat_explicit().cpu().mul_(n)
         self._rows.append((self._pending_rows, quantities))
         self._pending_rows = None
 

@@ -71,11 +71,19 @@ def capture(
             "default: the bundled HH-RLHF harmless-base test file."
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 60,
-    batch_size: Annotated[int, typer.Option(help="Pairs per effective batch.")] = 8,
+    algo: Annotated[str, typer.Option(help="dpo or ppo.")] = "dpo",
+    steps: Annotated[int, typer.Option(help="Optimizer steps (PPO: rollout updates).")] = 60,
+    batch_size: Annotated[
+        int, typer.Option(help="Pairs per effective batch (PPO: prompts per rollout).")
+    ] = 8,
     grad_accumulation: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
     beta: Annotated[float, typer.Option(help="DPO temperature β.")] = 0.1,
-    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="AdamW learning rate (default: 1e-4 DPO, 2e-5 PPO).")
+    ] = None,
+    reward_model: Annotated[
+        str, typer.Option(help="PPO reward model: a folder or 'default' (the shipped one).")
+    ] = "default",
     max_prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens kept (last).")] = 128,
     max_response_tokens: Annotated[int, typer.Option(help="Response tokens kept.")] = 64,
     capture_every: Annotated[int, typer.Option(help="Capture every N steps (and the last).")] = 10,
@@ -90,10 +98,32 @@ def capture(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64.")] = "float32",
     device: Device = "cpu",
 ) -> None:
-    """Train with DPO on preference pairs and capture gradients into RUN_DIR."""
+    """Train with DPO or PPO on the preference data and capture gradients into RUN_DIR."""
     from graddyn.capture.projection import ProjectionSpec
     from graddyn.train.dpo import DPOConfig
+    from graddyn.train.ppo import PPOConfig
 
+    projection = ProjectionSpec(seed=projection_seed, k_in=projection_dim, k_out=projection_dim)
+    if algo == "ppo":
+        config = PPOConfig(
+            model=model,
+            reward_model=reward_model,
+            data=data,
+            updates=steps,
+            rollout_size=batch_size,
+            learning_rate=learning_rate or 2e-5,
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_response_tokens,
+            capture_every=capture_every,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            projection=projection,
+        )
+        _run_ppo(config, run_dir)
+        return
+    if algo != "dpo":
+        raise ValueError(f"--algo must be 'dpo' or 'ppo', got {algo!r}")
     config = DPOConfig(
         model=model,
         data=data,
@@ -101,17 +131,33 @@ def capture(
         batch_size=batch_size,
         grad_accumulation=grad_accumulation,
         beta=beta,
-        learning_rate=learning_rate,
+        learning_rate=learning_rate or 1e-4,
         max_prompt_tokens=max_prompt_tokens,
         max_response_tokens=max_response_tokens,
         capture_every=capture_every,
         seed=seed,
         dtype=dtype,
         device=device,
-        projection=ProjectionSpec(seed=projection_seed, k_in=projection_dim, k_out=projection_dim),
+        projection=projection,
         full_aggregates=full_aggregates,
     )
     _run_capture(config, run_dir)
+
+
+def _run_ppo(config, run_dir: Path) -> None:
+    from graddyn.train.ppo import train_ppo
+
+    with stage("PPO training", config.updates) as advance:
+
+        def on_update(update: int, metrics: dict) -> None:
+            note = (
+                f"reward {metrics['reward/mean']:+.3f} kl {metrics['kl/mean']:.3f} "
+                f"clip {metrics['clip_fraction']:.2f}"
+            )
+            advance(update + 1, note=note)
+
+        train_ppo(config, run_dir, on_update)
+    console.print(f"captured run: {run_dir}")
 
 
 def _run_capture(config, run_dir: Path) -> None:
@@ -194,22 +240,79 @@ def analyze(
 
 @app.command()
 def demo(
-    run_dir: Annotated[Path, typer.Option(help="Run directory of the demo.")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="DPO steps.")] = 150,
-    capture_every: Annotated[int, typer.Option(help="Capture interval.")] = 10,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run directory of the demo (default runs/demo, runs/demo-ppo)."),
+    ] = None,
+    algo: Annotated[str, typer.Option(help="dpo or ppo.")] = "dpo",
+    steps: Annotated[
+        int | None, typer.Option(help="DPO steps (default 150) or PPO updates (default 40).")
+    ] = None,
+    capture_every: Annotated[
+        int | None, typer.Option(help="Capture interval (default 10 DPO, 4 PPO).")
+    ] = None,
     prompts: Annotated[int, typer.Option(help="Prompts in D'.")] = 64,
     device: Device = "cpu",
 ) -> None:
-    """Run every stage on the shipped default model and the bundled data."""
+    """Run every stage on the shipped default models and the bundled data."""
     from graddyn.train.dpo import DPOConfig
+    from graddyn.train.ppo import PPOConfig, evaluate_ppo_run
 
     started = time.time()
-    config = DPOConfig(steps=steps, capture_every=capture_every, device=device)
-    _run_capture(config, run_dir)
+    if algo == "ppo":
+        run_dir = run_dir or Path("runs/demo-ppo")
+        _run_ppo(
+            PPOConfig(updates=steps or 40, capture_every=capture_every or 4, device=device),
+            run_dir,
+        )
+    elif algo == "dpo":
+        run_dir = run_dir or Path("runs/demo")
+        _run_capture(
+            DPOConfig(steps=steps or 150, capture_every=capture_every or 10, device=device),
+            run_dir,
+        )
+    else:
+        raise ValueError(f"--algo must be 'dpo' or 'ppo', got {algo!r}")
     targets(run_dir, prompts=prompts, max_new_tokens=64, seed=0, device=device)
     replay(run_dir, dtype="float32", device=device, chunk_size=8)
     analyze(run_dir, out=None, per_checkpoint=False)
+    if algo == "ppo":
+        _print_ppo_evaluation(evaluate_ppo_run(run_dir))
     console.print(f"demo finished in {time.time() - started:.0f} s; report: {run_dir / 'report'}")
+
+
+def _print_ppo_evaluation(result: dict) -> None:
+    before, after = result["reward_before"], result["reward_after"]
+    console.print(
+        f"held-out reward of greedy responses ({before['n']} prompts): before "
+        f"{before['mean']:+.3f} [{before['ci95'][0]:+.3f}, {before['ci95'][1]:+.3f}], after "
+        f"{after['mean']:+.3f} [{after['ci95'][0]:+.3f}, {after['ci95'][1]:+.3f}] (95% CI)"
+    )
+    judge = result.get("reward_model_held_out")
+    if judge:
+        low, high = judge["accuracy_ci"]
+        console.print(
+            f"reward model's held-out pair accuracy: {judge['accuracy']:.3f} "
+            f"[{low:.3f}, {high:.3f}]; {result['note']}"
+        )
+
+
+@app.command("build-reward-model")
+def build_reward_model(
+    out: Annotated[Path | None, typer.Option(help="Folder (default: the package's own).")] = None,
+) -> None:
+    """Rebuild the shipped reward model: Bradley-Terry on the training pairs, from the SFT
+    default model; reports held-out accuracy with a bootstrap CI."""
+    from graddyn.reward import default_reward_model_path
+    from graddyn.train.reward import RewardConfig, build_default_reward_model
+
+    with stage("reward model") as advance:
+        report = build_default_reward_model(
+            out or default_reward_model_path(),
+            RewardConfig(),
+            on_step=lambda step, total, m: advance(step + 1, total, f"loss {m['loss']:.3f}"),
+        )
+    console.print_json(json.dumps(report))
 
 
 @app.command("check-data")

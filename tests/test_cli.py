@@ -78,3 +78,39 @@ def test_cli_analyze_without_results_names_the_file(tmp_path):
     assert completed.returncode == 2
     assert len(completed.stderr.strip().splitlines()) == 1
     assert "alignment.json" in completed.stderr
+
+
+def test_cli_capture_ppo(tiny_model_dir, tokenizer, tmp_path):
+    from graddyn.reward import RewardModel, save_reward_model
+
+    reward_dir = tmp_path / "reward"
+    save_reward_model(RewardModel.from_base(tiny_model_dir), tokenizer, reward_dir)
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "capture",
+            "--algo",
+            "ppo",
+            "--run-dir",
+            str(run_dir),
+            "--model",
+            tiny_model_dir,
+            "--reward-model",
+            str(reward_dir),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--capture-every",
+            "1",
+            "--max-prompt-tokens",
+            "16",
+            "--max-response-tokens",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "shards" / "step_00000001.h5").exists()
+    result = runner.invoke(app, ["capture", "--algo", "sft", "--run-dir", str(tmp_path / "x")])
+    assert isinstance(result.exception, ValueError)

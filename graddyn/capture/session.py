@@ -139,6 +139,7 @@ class CaptureSession:
         self._rows: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
         self._pending_rows: np.ndarray | None = None
         self._sequences: list[tuple[np.ndarray, FlatSequences]] = []
+        self._component_rows: dict[str, list] = {"positive": [], "negative": []}
         self._normalizer = 1
         self._full_aggregates: dict[str, torch.Tensor] = {}
         self._dropout_active = False
@@ -172,6 +173,7 @@ class CaptureSession:
             return False
         self._step = step
         self._items, self._rows, self._pending_rows, self._sequences = [], [], None, []
+        self._component_rows = {"positive": [], "negative": []}
         if self.config.checkpoints:
             self._before = {n: p.detach().to("cpu", copy=True) for n, p in self.parameters.items()}
         self._full_aggregates = {}
@@ -216,12 +218,15 @@ class CaptureSession:
         row_ids = rows.detach().cpu().numpy().astype(np.int64)
         if self.config.full_aggregates:
             self._add_full_aggregates(items)
+        self._normalizer = items.normalizer
+        self._pending_rows = row_ids if self._uses_hooks else None
         if self._uses_hooks:
             self.hooks.arm()
             self.hooks.collect.chunk_rows = self._chunk_rows(batch)
-        self._pending_rows = row_ids
-        self._normalizer = items.normalizer
+            if bool((items.token_index >= 0).any()):
+                self._split_components(items, row_ids)
         self._sequences.append((row_ids, flatten_batch(batch)))
+        first_unit = sum(len(r["logp"]) for r in self._items)
         record = {
             "logp": items.logp.detach().double().cpu().numpy(),
             "weight": items.weight.detach().double().cpu().numpy(),
@@ -230,14 +235,63 @@ class CaptureSession:
             "token_index": items.token_index.cpu().numpy().astype(np.int64),
             "coefficient": items.coefficient.detach().double().cpu().numpy(),
             "scale": np.full(len(items), float(items.scale)),
-            "unit_id": (items.unit_id if items.unit_id is not None else items.sequence_id)
-            .cpu()
-            .numpy()
-            .astype(np.int64),
+            "unit_id": (
+                items.unit_id.cpu().numpy().astype(np.int64)
+                if items.unit_id is not None
+                else np.arange(first_unit, first_unit + len(items), dtype=np.int64)
+            ),
         }
         for name, value in (extras or {}).items():
             record[name] = value.detach().double().cpu().numpy()
         self._items.append(record)
+
+    def _split_components(self, items: Items, row_ids: np.ndarray) -> None:
+        """Per-sequence quantities of each component, for token items (a sequence then
+        holds positive and negative tokens, and its gradient mixes both).
+
+        The hooks read one backward pass per component through the retained graph (two
+        extra passes, on capture steps only) and then ignore the user's own backward.
+        """
+        params = list(self.parameters.values())
+        for component, sign in (("positive", 1), ("negative", -1)):
+            self.hooks.arm()
+            mask = items.sign == sign
+            if bool(mask.any()):
+                coefficient = items.coefficient[mask].to(items.logp.dtype)
+                part = (coefficient * -items.logp[mask]).sum()
+                torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+                self._component_rows[component].append((row_ids, self._quantities()))
+            else:
+                zeros = {k: torch.zeros_like(v) for k, v in self._zero_quantities(len(row_ids))}
+                self._component_rows[component].append((row_ids, zeros))
+        self.hooks.paused = True
+        self._pending_rows = None
+
+    def _component_arrays(self) -> dict[str, np.ndarray]:
+        """`grads/<quantity>_<component>` per sequence, their sum where it is linear, and
+        the component aggregates."""
+        rows = self._component_rows
+        out = {"grads/sequence_id": np.concatenate([ids for ids, _ in rows["positive"]])}
+        for name in ("positive", "negative"):
+            for key in rows[name][0][1]:
+                out[f"grads/{key}_{name}"] = torch.cat([q[key] for _, q in rows[name]]).numpy()
+        for key in ("per_sequence", "explicit"):
+            if f"grads/{key}_positive" in out:
+                out[f"grads/{key}"] = out[f"grads/{key}_positive"] + out[f"grads/{key}_negative"]
+        if "grads/per_sequence" in out:
+            for name in ("positive", "negative"):
+                total = out[f"grads/per_sequence_{name}"].sum(0) / self._normalizer
+                out[f"grads/aggregate/{name}"] = total
+        return out
+
+    def _zero_quantities(self, rows: int):
+        collect = self.hooks.collect
+        if collect.projected:
+            yield "per_sequence", torch.zeros(rows, self.hooks.width)
+        if collect.norms:
+            yield "norm", torch.zeros(rows)
+        if collect.explicit:
+            yield "explicit", torch.zeros(rows, self.hooks.parameter_count)
 
     def _add_full_aggregates(self, items: Items) -> None:
         """Exact component gradients by autograd; the hooks ignore these extra passes."""
@@ -302,6 +356,11 @@ class CaptureSession:
         loss (the normalizer of the batch mean removed)."""
         if self._pending_rows is None or not self._uses_hooks:
             return
+        self._rows.append((self._pending_rows, self._quantities()))
+        self._pending_rows = None
+
+    def _quantities(self) -> dict[str, torch.Tensor]:
+        """What the hooks computed for the last backward pass, per row."""
         n, collect = self._normalizer, self.hooks.collect
         quantities = {}
         if collect.projected:
@@ -310,8 +369,7 @@ class CaptureSession:
             quantities["norm"] = self.hooks.squared_norms().cpu().sqrt() * n
         if collect.explicit:
             quantities["explicit"] = self.hooks.flat_explicit().cpu().mul_(n)
-        self._rows.append((self._pending_rows, quantities))
-        self._pending_rows = None
+        return quantities
 
     @property
     def _uses_hooks(self) -> bool:
@@ -363,7 +421,9 @@ class CaptureSession:
             arrays["grads/sequence_id"] = sequence_ids
             for key in self._rows[0][1]:
                 arrays[f"grads/{key}"] = torch.cat([q[key] for _, q in self._rows]).numpy()
-        if "grads/per_sequence" in arrays:
+        if self._component_rows["positive"]:
+            arrays.update(self._component_arrays())
+        elif "grads/per_sequence" in arrays:
             per_sequence = arrays["grads/per_sequence"]
             components = _sequence_components(items, arrays["grads/sequence_id"])
             for name, sign in (("positive", 1), ("negative", -1)):

@@ -1,9 +1,10 @@
 """G of the whole loss by reverse-mode autograd, independently of the per-item δ.
 
-Where graddyn knows the loss (DPO), the actual loss is recomputed from the stored
-sequences and reference log-probs; otherwise the items' surrogate
-`Σ_i coefficient_i · (-log π_i)` is differentiated, which checks the forward-mode δ
-against a reverse-mode pass but not the items against the loss.
+Where graddyn knows the loss, the actual loss is recomputed from the stored sequences:
+DPO's `-log σ(h)` with the stored reference log-probs, PPO's clipped surrogate at the
+parameters that generated the rollout (r = 1) with the stored advantages; otherwise the
+items' surrogate `Σ_i coefficient_i · (-log π_i)` is differentiated, which checks the
+forward-mode δ against a reverse-mode pass but not the items against the loss.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from graddyn.capture.exact import exact_attention, trainable_parameters
 from graddyn.data.collate import FlatSequences
 from graddyn.logprobs import response_token_logprobs
 from graddyn.losses.dpo import CHOSEN, REJECTED, dpo_loss, sequence_id
+from graddyn.losses.ppo import ppo_loss
 from graddyn.replay.sequences import pad_id_of, stored_sequences
 from graddyn.store.shard import Shard
 
@@ -26,6 +28,9 @@ def whole_loss_gradient(model, shard: Shard, chunk: int, device) -> tuple[str, d
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     if shard.attrs.get("loss") == "dpo":
         source, losses = "dpo loss", _dpo_losses(model, shard, flat, row_of, chunk, device)
+    elif shard.attrs.get("loss") == "ppo":
+        source = "ppo clipped surrogate"
+        losses = _ppo_losses(model, shard, flat, row_of, chunk, device)
     else:
         source, losses = (
             "items surrogate",
@@ -85,5 +90,42 @@ def _surrogate_losses(model, shard: Shard, flat: FlatSequences, row_of: dict, ch
                     logp = values.sum() if token < 0 else values[token]
                     total = total + float(a["items/coefficient"][i]) * -logp
             yield total
+
+    return losses
+
+
+def _ppo_losses(model, shard: Shard, flat: FlatSequences, row_of: dict, chunk: int, device):
+    """Chunks of the actual clipped surrogate at the parameters that generated the
+    rollout: old log-probs = current ones, so r = 1; token mean over the whole batch."""
+    a = shard.arrays
+    sequence_ids = a["sequences/sequence_id"].tolist()
+    total_tokens = len(a["items/sequence_id"])
+    clip_eps = float(shard.attrs.get("clip_eps", 0.2))
+    advantage = {
+        (int(s), int(t)): float(v)
+        for s, t, v in zip(
+            a["items/sequence_id"], a["items/token_index"], a["items/advantage"], strict=True
+        )
+    }
+
+    def losses(pad: int):
+        for start in range(0, len(sequence_ids), chunk):
+            sids = sequence_ids[start : start + chunk]
+            batch = flat.batch([row_of[s] for s in sids], pad).to(device)
+            logp = response_token_logprobs(model, batch)
+            advantages = torch.zeros_like(logp)
+            for row, sid in enumerate(sids):
+                for column in batch.response_mask[row].nonzero().flatten().tolist():
+                    advantages[row, column] = advantage[(sid, column)]
+            yield ppo_loss(
+                logp,
+                logp.detach(),
+                advantages,
+                batch.response_mask,
+                clip_eps,
+                torch.tensor(sids),
+                total_tokens=total_tokens,
+                attention_mask=batch.attention_mask,
+            ).loss
 
     return losses

@@ -256,7 +256,8 @@ def demo(
 ) -> None:
     """Run every stage on the shipped default models and the bundled data."""
     from graddyn.train.dpo import DPOConfig
-    from graddyn.train.ppo import PPOConfig, evaluate_ppo_run
+    from graddyn.train.ppo import PPOConfig
+    from graddyn.train.ppo_eval import evaluate_ppo_run
 
     started = time.time()
     if algo == "ppo":

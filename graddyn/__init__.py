@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # capture
     "CaptureSession": "graddyn.capture.session",
-    "CaptureConfig": "graddyn.capture.session",
+    "CaptureConfig": "graddyn.capture.config",
     "ProjectionSpec": "graddyn.capture.projection",
     "KroneckerProjector": "graddyn.capture.projection",
     "DenseProjector": "graddyn.capture.projection",

@@ -22,16 +22,23 @@ is bitwise the same with and without it. Writes happen on a background thread.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from graddyn.capture.config import CaptureConfig
 from graddyn.capture.hooks import Collect, LayerHooks
-from graddyn.capture.projection import ProjectionSpec
+from graddyn.capture.records import (
+    checkpoint_name,
+    component_arrays,
+    save_safetensors,
+    sequence_arrays,
+    sequence_components,
+    store_gradients,
+    update_name,
+)
 from graddyn.data.collate import FlatSequences, SequenceBatch, flatten_batch
 from graddyn.items import Items, regroup
 from graddyn.store.manifest import write_manifest
@@ -47,55 +54,6 @@ REDUCTION = (
     "grads/aggregate/<component> = loss gradient of the component = "
     "sum of its per-sequence rows / normalizer"
 )
-
-
-@dataclass
-class CaptureConfig:
-    """What to capture and when.
-
-    Attributes:
-        every: capture every `every` steps (step 0 included) and always the last step.
-        projection: the Kronecker projection of per-sequence gradients.
-        per_sequence: store projected per-sequence gradients.
-        exact_norms: store the exact norm of each sequence's gradient over every parameter
-            in scope (`grads/norm`), from the same hooks, without forming the gradients.
-        explicit_gradients: store each sequence's full gradient (`grads/explicit`, one
-            row of every parameter in scope per sequence); for small models and checks.
-        full_aggregates: also store the exact, unprojected aggregated gradient of each
-            component over every parameter in scope. Costs one extra backward pass per
-            component on capture steps (through the retained graph) and a parameter-sized
-            array per component in each shard; off by default.
-        checkpoints: store the parameters before each captured step and the update.
-        verify_items: check on every captured micro-batch that `∂loss/∂items.logp`
-            equals `-items.coefficient` (the items really describe the loss).
-        exclude_layers: names of modules left out of the per-sequence quantities (for
-            example an LM head that a fused kernel bypasses).
-        scope: parameter-name prefixes of the per-sequence quantities (empty: every
-            trainable parameter). The dense projection needs a small scope.
-        storage_dtype: "float32" or "float16" for stored gradients (computation always
-            accumulates in float32 or higher). A float16 value that would overflow makes
-            the shard fall back to float32, with a warning; inf is never written.
-        memory_budget_mb: bound on the hooks' per-micro-batch working memory; rows are
-            processed in chunks that fit it (results are the same for any chunking).
-        max_pending_writes: bound of the background writer's queue.
-    """
-
-    every: int = 10
-    projection: ProjectionSpec = field(default_factory=ProjectionSpec)
-    per_sequence: bool = True
-    exact_norms: bool = False
-    explicit_gradients: bool = False
-    full_aggregates: bool = False
-    checkpoints: bool = True
-    verify_items: bool = True
-    exclude_layers: tuple[str, ...] = ()
-    scope: tuple[str, ...] = ()
-    storage_dtype: str = "float32"
-    memory_budget_mb: float | None = None
-    max_pending_writes: int = 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CaptureSession:
@@ -267,23 +225,6 @@ class CaptureSession:
         self.hooks.paused = True
         self._pending_rows = None
 
-    def _component_arrays(self) -> dict[str, np.ndarray]:
-        """`grads/<quantity>_<component>` per sequence, their sum where it is linear, and
-        the component aggregates."""
-        rows = self._component_rows
-        out = {"grads/sequence_id": np.concatenate([ids for ids, _ in rows["positive"]])}
-        for name in ("positive", "negative"):
-            for key in rows[name][0][1]:
-                out[f"grads/{key}_{name}"] = torch.cat([q[key] for _, q in rows[name]]).numpy()
-        for key in ("per_sequence", "explicit"):
-            if f"grads/{key}_positive" in out:
-                out[f"grads/{key}"] = out[f"grads/{key}_positive"] + out[f"grads/{key}_negative"]
-        if "grads/per_sequence" in out:
-            for name in ("positive", "negative"):
-                total = out[f"grads/per_sequence_{name}"].sum(0) / self._normalizer
-                out[f"grads/aggregate/{name}"] = total
-        return out
-
     def _zero_quantities(self, rows: int):
         collect = self.hooks.collect
         if collect.projected:
@@ -333,23 +274,6 @@ class CaptureSession:
         if self.config.explicit_gradients or spec.kind == "dense":
             per_row += 4 * self.hooks.parameter_count
         return max(1, int(budget * 2**20 // per_row))
-
-    def _store_gradients(self, arrays: dict[str, np.ndarray]) -> str:
-        """Cast stored gradients to `storage_dtype`; fall back to float32 on overflow."""
-        if self.config.storage_dtype == "float32":
-            return "float32"
-        if self.config.storage_dtype != "float16":
-            raise ValueError(
-                f"storage_dtype must be 'float32' or 'float16', got {self.config.storage_dtype!r}"
-            )
-        keys = [k for k in arrays if k.startswith("grads/") and arrays[k].dtype.kind == "f"]
-        limit = np.finfo(np.float16).max
-        if any(np.abs(arrays[k]).max(initial=0.0) > limit for k in keys):
-            logger.warning("gradients exceed the float16 range; this shard stores float32")
-            return "float32"
-        for key in keys:
-            arrays[key] = arrays[key].astype(np.float16)
-        return "float16"
 
     def _collect_rows(self) -> None:
         """Per-sequence quantities of the last micro-batch, scaled to each sequence's own
@@ -415,23 +339,23 @@ class CaptureSession:
             arrays[f"batch/{key}"] = np.asarray(
                 value.cpu() if isinstance(value, torch.Tensor) else value
             )
-        arrays.update(_sequence_arrays(self._sequences))
+        arrays.update(sequence_arrays(self._sequences))
         if self._rows:
             sequence_ids = np.concatenate([ids for ids, _ in self._rows])
             arrays["grads/sequence_id"] = sequence_ids
             for key in self._rows[0][1]:
                 arrays[f"grads/{key}"] = torch.cat([q[key] for _, q in self._rows]).numpy()
         if self._component_rows["positive"]:
-            arrays.update(self._component_arrays())
+            arrays.update(component_arrays(self._component_rows, self._normalizer))
         elif "grads/per_sequence" in arrays:
             per_sequence = arrays["grads/per_sequence"]
-            components = _sequence_components(items, arrays["grads/sequence_id"])
+            components = sequence_components(items, arrays["grads/sequence_id"])
             for name, sign in (("positive", 1), ("negative", -1)):
                 total = per_sequence[components == sign].sum(0) / self._normalizer
                 arrays[f"grads/aggregate/{name}"] = total
         for key, value in self._full_aggregates.items():
             arrays[f"grads/full/{key}"] = value.numpy()
-        storage = self._store_gradients(arrays)
+        storage = store_gradients(arrays, self.config.storage_dtype)
         previous = self.captured_steps[-1] if self.captured_steps else -1
         attrs = dict(self.run_attrs)
         attrs.update(
@@ -461,8 +385,8 @@ class CaptureSession:
         before = self._before
         update = {n: p.detach().cpu() - before[n] for n, p in self.parameters.items()}
         folder = self.run_dir / "checkpoints"
-        self.writer.submit(lambda: _save_safetensors(before, folder / checkpoint_name(step)))
-        self.writer.submit(lambda: _save_safetensors(update, folder / update_name(step)))
+        self.writer.submit(lambda: save_safetensors(before, folder / checkpoint_name(step)))
+        self.writer.submit(lambda: save_safetensors(update, folder / update_name(step)))
         self._before = {}
 
     def close(self) -> None:
@@ -480,21 +404,6 @@ class CaptureSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.safetensors"
-
-
-def update_name(step: int) -> str:
-    return f"step_{step:08d}.update.safetensors"
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def verify_items(items: Items, loss: torch.Tensor, rtol: float = 1e-4) -> None:
@@ -517,24 +426,3 @@ def verify_items(items: Items, loss: torch.Tensor, rtol: float = 1e-4) -> None:
 
 def _in_scope(name: str, scope: tuple[str, ...]) -> bool:
     return not scope or any(name.startswith(prefix) for prefix in scope)
-
-
-def _sequence_arrays(sequences: list[tuple[np.ndarray, FlatSequences]]) -> dict:
-    """The tokens of every observed row, flat, in observation order."""
-    lengths = np.concatenate([np.diff(flat.offsets.numpy()) for _, flat in sequences])
-    return {
-        "sequences/sequence_id": np.concatenate([ids for ids, _ in sequences]),
-        "sequences/tokens": np.concatenate([flat.tokens.numpy() for _, flat in sequences]),
-        "sequences/response_mask": np.concatenate(
-            [flat.response_mask.numpy() for _, flat in sequences]
-        ).astype(np.int8),
-        "sequences/offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-    }
-
-
-def _sequence_components(items: dict[str, np.ndarray], sequence_ids: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(sequence_ids), dtype=np.int64)
-    for index, sid in enumerate(sequence_ids):
-        signs = set(items["sign"][items["sequence_id"] == sid].tolist()) - {0}
-        out[index] = signs.pop() if len(signs) == 1 else 0
-    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -17,7 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console()
+# Off a terminal (logs, CI), rich would wrap tables at 80 columns; 120 keeps them whole.
+console = Console(width=None if sys.stdout.isatty() else 120)
 error_console = Console(stderr=True, soft_wrap=True)
 
 

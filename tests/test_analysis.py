@@ -10,13 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graddyn.analysis.alignment import (
-    SERIES,
+from graddyn.analysis.alignment import SERIES, load_alignment
+from graddyn.analysis.statistics import (
     bootstrap_mean_ci,
     compute_statistics,
     count_sign_changes,
     fraction_positive,
-    load_alignment,
     tracin_estimate,
     weight_stats,
 )

@@ -210,8 +210,9 @@ def test_f22_half_storage_never_writes_inf(tokenizer, tiny_sequences, tmp_path, 
     small = capture_explicit(model, batch, tmp_path / "half", storage_dtype="float16")
     assert small.arrays["grads/explicit"].dtype == np.float16
     assert small.attrs["gradient_storage_dtype"] == "float16"
-    big = capture_explicit(model, batch, tmp_path / "big", storage_dtype="float16",
-                           weight_scale=1e7)  # per-sample gradients beyond the fp16 range
+    big = capture_explicit(
+        model, batch, tmp_path / "big", storage_dtype="float16", weight_scale=1e7
+    )  # per-sample gradients beyond the fp16 range
     assert big.attrs["gradient_storage_dtype"] == "float32"
     assert np.isfinite(big.arrays["grads/explicit"]).all()
     assert "float16 range" in caplog.text

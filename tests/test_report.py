@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from graddyn.analysis.alignment import SERIES, compute_statistics, load_alignment
+from graddyn.analysis.alignment import SERIES, load_alignment
+from graddyn.analysis.statistics import compute_statistics
 from graddyn.report import (
     alignment_table,
     analyze_run,

@@ -4,8 +4,11 @@ from graddyn.analysis.alignment import (
     GROUPS,
     SERIES,
     AlignmentResults,
-    AlignmentStats,
     Checkpoint,
+    load_alignment,
+)
+from graddyn.analysis.statistics import (
+    AlignmentStats,
     SeriesStats,
     TracInEstimate,
     WeightStats,
@@ -13,7 +16,6 @@ from graddyn.analysis.alignment import (
     compute_statistics,
     count_sign_changes,
     fraction_positive,
-    load_alignment,
     tracin_estimate,
     weight_stats,
 )

@@ -17,12 +17,8 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.text import Text
 
-from graddyn.analysis.alignment import (
-    AlignmentResults,
-    AlignmentStats,
-    compute_statistics,
-    load_alignment,
-)
+from graddyn.analysis.alignment import AlignmentResults, load_alignment
+from graddyn.analysis.statistics import AlignmentStats, compute_statistics
 from graddyn.report.figures import plot_alignment
 from graddyn.report.tables import alignment_table, checkpoint_table, sci
 

@@ -10,13 +10,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from graddyn.analysis.alignment import (
-    GROUPS,
-    SERIES,
-    AlignmentResults,
-    AlignmentStats,
-    SeriesStats,
-)
+from graddyn.analysis.alignment import GROUPS, SERIES, AlignmentResults
+from graddyn.analysis.statistics import AlignmentStats, SeriesStats
 
 MISSING = "–"
 

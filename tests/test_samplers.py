@@ -187,3 +187,28 @@ def test_dense_projection_of_a_small_scope(tokenizer, tiny_sequences, monkeypatc
     monkeypatch.setattr(hooks_module, "DENSE_LIMIT", 1000)
     with pytest.raises(ValueError, match="kronecker"):
         LayerHooks(model, spec, scope)
+
+
+def test_passes_without_gradient_are_ignored(tokenizer, tiny_sequences):
+    """A reference forward through the same modules (PEFT with adapters off) never counts."""
+    model = make_tiny_model(len(tokenizer))
+    names = {n for n, _ in model.named_parameters()}
+    results = []
+    for extra_pass in (False, True):
+        hooks = LayerHooks(model, SPEC, names)
+        hooks.collect = Collect(projected=True, norms=True)
+        hooks.arm()
+        batch = collate_sequences(tiny_sequences, 0)
+        if extra_pass:
+            with torch.no_grad():
+                sequence_logprobs(model, batch)
+        loss = -sequence_logprobs(model, batch).sum()
+        if extra_pass:
+            with torch.no_grad():
+                sequence_logprobs(model, batch)
+        loss.backward()
+        hooks.disarm()
+        model.zero_grad()
+        results.append((hooks.flat_rows(), hooks.squared_norms()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

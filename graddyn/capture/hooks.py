@@ -82,6 +82,7 @@ class LayerHooks:
             n for n in shapes if any(n in names.values() for _, _, names in self.modules.values())
         ]
         self.layout = self._layout(in_scope, shapes)
+        self._shapes = {slot.name: slot.shape for slot in self.layout}
         self.projector = self._projector(spec)
         self.uses = {
             slot.name: sum(slot.name in names.values() for _, _, names in self.modules.values())
@@ -223,7 +224,7 @@ class LayerHooks:
 
     def _project(self, parameter: str, factor: Factor) -> torch.Tensor:
         device = factor.values.device if isinstance(factor, Vector) else factor.right.device
-        shape = next(s.shape for s in self.layout if s.name == parameter)
+        shape = self._shapes[parameter]
         p_rows = self.projector.factor(parameter, "out", shape[0], device)
         p_cols = (
             self.projector.factor(parameter, "in", shape[1], device) if len(shape) == 2 else None

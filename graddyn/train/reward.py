@@ -27,6 +27,7 @@ from graddyn.data.batches import PairTokenizer, effective_batches
 from graddyn.data.pairs import PreferencePair, load_pairs, split_pairs
 from graddyn.models import load_tokenizer
 from graddyn.reward import RewardModel, save_reward_model
+from graddyn.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,7 @@ def fit_reward_model(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    warmup = max(1, int(config.warmup_fraction * total_steps))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
     history: list[dict] = []
     for step, batch_ids in enumerate(batches):
         n = len(batch_ids)

@@ -15,6 +15,7 @@ import torch
 
 from graddyn.data.collate import TokenizedSequence, collate_sequences
 from graddyn.logprobs import response_token_logprobs
+from graddyn.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +56,7 @@ def train_sft(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    warmup = max(1, int(config.warmup_fraction * total_steps))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
     losses: list[float] = []
     order = torch.randperm(len(sequences), generator=generator)
     cursor = 0

@@ -156,8 +156,13 @@ def child_memory(model_index: int, variant: str) -> float:
     setup = setups()[model_index]
     reference = reference_logps(setup)
     base = plain_step(setup, reference)
-    step = base if variant == "plain" else variants(setup, reference)[variant]
-    return peak_growth_mb(step, base)
+    measured = variants(setup, reference)
+    step = base if variant == "plain" else measured[variant]
+    growth = peak_growth_mb(step, base)
+    for candidate in measured.values():
+        if hasattr(candidate, "session"):
+            candidate.session.close()
+    return growth
 
 
 def memory_ratios(model_index: int, names: list[str]) -> dict[str, float]:

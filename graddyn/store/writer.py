@@ -8,6 +8,7 @@ training thread at the next `submit`, `flush` or `close`.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable
@@ -23,6 +24,9 @@ class AsyncWriter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="graddyn-writer", daemon=True)
         self._thread.start()
+        # A process that exits without close() still finishes its writes before the
+        # interpreter tears down (a daemon thread killed inside HDF5 can crash the exit).
+        atexit.register(self.close)
 
     def submit(self, job: Callable[[], object]) -> None:
         """Queue `job`; blocks while `max_pending` jobs are already waiting."""
@@ -36,6 +40,7 @@ class AsyncWriter:
 
     def close(self) -> None:
         """Finish the queued jobs and stop the thread."""
+        atexit.unregister(self.close)
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()

@@ -32,7 +32,7 @@ RunDir = Annotated[Path, typer.Argument(help="Run directory written by `graddyn 
 Model = Annotated[
     str,
     typer.Option(
-        help="Hugging Face causal LM: hub name, local path, or 'default' (the shipped model)."
+        help="Hugging Face causal LM: hub name, local path, or default (the shipped model)."
     ),
 ]
 Device = Annotated[str, typer.Option(help="torch device, e.g. cpu, cuda, cuda:1.")]
@@ -72,23 +72,27 @@ def capture(
         ),
     ] = None,
     algo: Annotated[str, typer.Option(help="dpo or ppo.")] = "dpo",
-    steps: Annotated[int, typer.Option(help="Optimizer steps (PPO: rollout updates).")] = 60,
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps (PPO: rollout updates).", min=1)
+    ] = 60,
     batch_size: Annotated[
-        int, typer.Option(help="Pairs per effective batch (PPO: prompts per rollout).")
+        int, typer.Option(help="Pairs per effective batch (PPO: prompts per rollout).", min=1)
     ] = 8,
-    grad_accumulation: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    grad_accumulation: Annotated[int, typer.Option(help="Micro-batches per step.", min=1)] = 1,
     beta: Annotated[float, typer.Option(help="DPO temperature β.")] = 0.1,
     learning_rate: Annotated[
         float | None, typer.Option(help="AdamW learning rate (default: 1e-4 DPO, 2e-5 PPO).")
     ] = None,
     reward_model: Annotated[
-        str, typer.Option(help="PPO reward model: a folder or 'default' (the shipped one).")
+        str, typer.Option(help="PPO reward model: a folder, or default (the shipped one).")
     ] = "default",
     max_prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens kept (last).")] = 128,
     max_response_tokens: Annotated[int, typer.Option(help="Response tokens kept.")] = 64,
-    capture_every: Annotated[int, typer.Option(help="Capture every N steps (and the last).")] = 10,
+    capture_every: Annotated[
+        int, typer.Option(help="Capture every N steps (and the last).", min=1)
+    ] = 10,
     projection_dim: Annotated[
-        int, typer.Option(help="k of the Kronecker projection, per side (k x k per layer).")
+        int, typer.Option(help="k of the Kronecker projection, per side (k x k per layer).", min=1)
     ] = 16,
     projection_seed: Annotated[int, typer.Option(help="Seed of the projection.")] = 0,
     full_aggregates: Annotated[
@@ -97,8 +101,11 @@ def capture(
     seed: Annotated[int, typer.Option(help="Seed of batching and initialisation.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64.")] = "float32",
     device: Device = "cpu",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run in --run-dir.")
+    ] = False,
 ) -> None:
-    """Train with DPO or PPO on the preference data and capture gradients into RUN_DIR."""
+    """Train with DPO or PPO on the preference data and capture gradients into --run-dir."""
     from graddyn.capture.projection import ProjectionSpec
     from graddyn.train.dpo import DPOConfig
     from graddyn.train.ppo import PPOConfig
@@ -120,10 +127,10 @@ def capture(
             device=device,
             projection=projection,
         )
-        _run_ppo(config, run_dir)
+        _run_ppo(config, run_dir, overwrite)
         return
     if algo != "dpo":
-        raise ValueError(f"--algo must be 'dpo' or 'ppo', got {algo!r}")
+        raise ValueError(f"--algo must be dpo or ppo, got {algo!r}")
     config = DPOConfig(
         model=model,
         data=data,
@@ -141,10 +148,10 @@ def capture(
         projection=projection,
         full_aggregates=full_aggregates,
     )
-    _run_capture(config, run_dir)
+    _run_capture(config, run_dir, overwrite)
 
 
-def _run_ppo(config, run_dir: Path) -> None:
+def _run_ppo(config, run_dir: Path, overwrite: bool = False) -> None:
     from graddyn.train.ppo import train_ppo
 
     with stage("PPO training", config.updates) as advance:
@@ -156,11 +163,11 @@ def _run_ppo(config, run_dir: Path) -> None:
             )
             advance(update + 1, note=note)
 
-        train_ppo(config, run_dir, on_update)
+        train_ppo(config, run_dir, on_update, overwrite)
     console.print(f"captured run: {run_dir}")
 
 
-def _run_capture(config, run_dir: Path) -> None:
+def _run_capture(config, run_dir: Path, overwrite: bool = False) -> None:
     from graddyn.train.dpo import train_dpo
 
     with stage("DPO training", config.steps) as advance:
@@ -172,19 +179,19 @@ def _run_capture(config, run_dir: Path) -> None:
             )
             advance(step + 1, note=note)
 
-        train_dpo(config, run_dir, on_step)
+        train_dpo(config, run_dir, on_step, overwrite)
     console.print(f"captured run: {run_dir}")
 
 
 @app.command()
 def targets(
     run_dir: RunDir,
-    prompts: Annotated[int, typer.Option(help="Held-out prompts in D'.")] = 64,
-    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per response.")] = 64,
+    prompts: Annotated[int, typer.Option(help="Held-out prompts in the targets D′.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per response.", min=1)] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 0,
     device: Device = "cpu",
 ) -> None:
-    """Build D': the final model's greedy responses to fixed held-out prompts."""
+    """Build the targets D′: greedy responses of the final model to held-out prompts."""
     from graddyn.targets import build_targets
 
     with stage("targets D'", prompts) as advance:
@@ -204,7 +211,7 @@ def replay(
     run_dir: RunDir,
     dtype: Annotated[str, typer.Option(help="Precision of the exact replay.")] = "float32",
     device: Device = "cpu",
-    chunk_size: Annotated[int, typer.Option(help="Pairs or targets per pass.")] = 8,
+    chunk_size: Annotated[int, typer.Option(help="Pairs or targets per pass.", min=1)] = 8,
 ) -> None:
     """Replay every checkpoint and compute the exact alignment G of every part."""
     from graddyn.replay import replay_run
@@ -251,10 +258,11 @@ def demo(
     capture_every: Annotated[
         int | None, typer.Option(help="Capture interval (default 10 DPO, 4 PPO).")
     ] = None,
-    prompts: Annotated[int, typer.Option(help="Prompts in D'.")] = 64,
+    prompts: Annotated[int, typer.Option(help="Prompts in the targets D′.", min=1)] = 64,
     device: Device = "cpu",
 ) -> None:
-    """Run every stage on the shipped default models and the bundled data."""
+    """Run every stage on the shipped default models and the bundled data (an earlier
+    demo in the same run directory is replaced)."""
     from graddyn.train.dpo import DPOConfig
     from graddyn.train.ppo import PPOConfig
     from graddyn.train.ppo_eval import evaluate_ppo_run
@@ -265,15 +273,17 @@ def demo(
         _run_ppo(
             PPOConfig(updates=steps or 40, capture_every=capture_every or 4, device=device),
             run_dir,
+            overwrite=True,
         )
     elif algo == "dpo":
         run_dir = run_dir or Path("runs/demo")
         _run_capture(
             DPOConfig(steps=steps or 150, capture_every=capture_every or 10, device=device),
             run_dir,
+            overwrite=True,
         )
     else:
-        raise ValueError(f"--algo must be 'dpo' or 'ppo', got {algo!r}")
+        raise ValueError(f"--algo must be dpo or ppo, got {algo!r}")
     targets(run_dir, prompts=prompts, max_new_tokens=64, seed=0, device=device)
     replay(run_dir, dtype="float32", device=device, chunk_size=8)
     analyze(run_dir, out=None, per_checkpoint=False)
@@ -300,10 +310,11 @@ def _print_ppo_evaluation(result: dict) -> None:
 
 @app.command("build-reward-model")
 def build_reward_model(
-    out: Annotated[Path | None, typer.Option(help="Folder (default: the package's own).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder (default: the one inside the package).")
+    ] = None,
 ) -> None:
-    """Rebuild the shipped reward model: Bradley-Terry on the training pairs, from the SFT
-    default model; reports held-out accuracy with a bootstrap CI."""
+    """Rebuild the shipped reward model (Bradley-Terry, from the SFT default model)."""
     from graddyn.reward import default_reward_model_path
     from graddyn.train.reward import RewardConfig, build_default_reward_model
 
@@ -339,7 +350,9 @@ def check_data(
 
 @app.command("build-default")
 def build_default(
-    out: Annotated[Path | None, typer.Option(help="Folder (default: the package's own).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder (default: the one inside the package).")
+    ] = None,
 ) -> None:
     """Rebuild the shipped default model: tokenizer, language modelling, then SFT."""
     from graddyn.models import default_model_path

@@ -9,6 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def readable_like_other_files(path: Path) -> None:
+    """safetensors writes 0600; give checkpoints the umask's mode like every other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_parameters(model: torch.nn.Module, path: str | Path) -> Path:
     """Write every parameter with `requires_grad` to `path` atomically."""
     path = Path(path)
@@ -18,6 +25,7 @@ def save_parameters(model: torch.nn.Module, path: str | Path) -> Path:
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
+    readable_like_other_files(tmp)
     os.replace(tmp, path)
     return path
 

@@ -41,7 +41,19 @@ def resolve_model_path(name_or_path: str) -> str:
                 "`graddyn build-default`"
             )
         return str(path)
+    local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+    if local and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"{name_or_path}: no such model folder")
     return name_or_path
+
+
+def check_device(device: str | torch.device) -> None:
+    """A one-line error for a device this torch cannot use (e.g. CUDA on a CPU build)."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available to this torch build")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -71,6 +83,7 @@ def load_model(
     sequence under two models, and captures must repeat bitwise); the model is returned
     in eval mode, which the training loops keep.
     """
+    check_device(device)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from graddyn.checkpoints import readable_like_other_files
 from graddyn.data.collate import FlatSequences
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
+    readable_like_other_files(tmp)
     os.replace(tmp, path)
 
 

@@ -22,6 +22,7 @@ is bitwise the same with and without it. Writes happen on a background thread.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -56,6 +57,28 @@ REDUCTION = (
 )
 
 
+def prepare_run_dir(run_dir: str | Path, overwrite: bool) -> Path:
+    """An empty run directory: a new one, or an earlier run cleared when `overwrite`.
+
+    Capturing into a directory that already holds files would mix two runs' shards, so
+    it is refused unless the directory is a graddyn run and `overwrite` is set.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir}: not empty; choose a new run directory or "
+                "overwrite the earlier run (--overwrite)"
+            )
+        if not (run_dir / "run.json").exists():
+            raise FileExistsError(
+                f"{run_dir}: not empty and not a graddyn run; refusing to overwrite it"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 class CaptureSession:
     """Captures items, projected gradients and checkpoints of scheduled training steps."""
 
@@ -66,9 +89,10 @@ class CaptureSession:
         config: CaptureConfig | None = None,
         total_steps: int | None = None,
         run_attrs: dict | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.model = model
-        self.run_dir = Path(run_dir)
+        self.run_dir = prepare_run_dir(run_dir, overwrite)
         self.config = config or CaptureConfig()
         self.total_steps = total_steps
         self.run_attrs = dict(run_attrs or {})

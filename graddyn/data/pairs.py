@@ -104,24 +104,37 @@ def load_pairs(path: str | Path | None = None) -> PairFile:
     path = Path(path) if path is not None else bundled_pairs_path()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such preference file")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; give a .jsonl or .jsonl.gz file")
     opener = gzip.open if path.name.endswith(".gz") else open
     pairs: list[PreferencePair] = []
     skipped: list[SkippedRow] = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for index, line in enumerate(handle):
-            if not line.strip():
-                skipped.append(SkippedRow(index + 1, "blank line"))
-                continue
-            try:
-                pairs.append(_row_to_pair(json.loads(line), index))
-            except json.JSONDecodeError as error:
-                skipped.append(SkippedRow(index + 1, f"malformed JSON ({error.msg})"))
-            except ValueError as error:
-                skipped.append(SkippedRow(index + 1, str(error)))
+    try:
+        rows = _read_rows(path, opener)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path}: cannot be read as {'gzip ' if opener is gzip.open else ''}"
+            f"UTF-8 JSON lines ({error})"
+        ) from error
+    for index, line in rows:
+        if not line.strip():
+            skipped.append(SkippedRow(index + 1, "blank line"))
+            continue
+        try:
+            pairs.append(_row_to_pair(json.loads(line), index))
+        except json.JSONDecodeError as error:
+            skipped.append(SkippedRow(index + 1, f"malformed JSON ({error.msg})"))
+        except ValueError as error:
+            skipped.append(SkippedRow(index + 1, str(error)))
     if not pairs:
         first = f"; line {skipped[0].line}: {skipped[0].reason}" if skipped else ""
         raise ValueError(f"{path}: no valid preference pair{first}")
     return PairFile(str(path), pairs, skipped)
+
+
+def _read_rows(path: Path, opener) -> list[tuple[int, str]]:
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return list(enumerate(handle))
 
 
 def split_pairs(

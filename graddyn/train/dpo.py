@@ -80,8 +80,11 @@ def train_dpo(
     config: DPOConfig,
     run_dir: str | Path,
     on_step: Callable[[int, dict], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train with DPO, capturing on schedule into `run_dir`; returns the run directory."""
+    """Train with DPO, capturing on schedule into `run_dir`; returns the run directory.
+
+    `run_dir` must be new or empty; `overwrite` replaces an earlier run in it."""
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     pair_file = load_pairs(config.data)
@@ -115,7 +118,7 @@ def train_dpo(
     micro_size = config.batch_size // config.grad_accumulation
 
     with (
-        CaptureSession(policy, run_dir, capture, config.steps, attrs) as session,
+        CaptureSession(policy, run_dir, capture, config.steps, attrs, overwrite) as session,
         open(run_dir / "train_log.jsonl", "w") as log,
     ):
         for step, pair_ids in enumerate(batches):

@@ -267,9 +267,14 @@ def _entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def train_ppo(
-    config: PPOConfig, run_dir: str | Path, on_update: Callable[[int, dict], None] | None = None
+    config: PPOConfig,
+    run_dir: str | Path,
+    on_update: Callable[[int, dict], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train with PPO, capturing on schedule into `run_dir`; returns the run directory."""
+    """Train with PPO, capturing on schedule into `run_dir`; returns the run directory.
+
+    `run_dir` must be new or empty; `overwrite` replaces an earlier run in it."""
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -296,7 +301,7 @@ def train_ppo(
     capture = CaptureConfig(every=config.capture_every, projection=config.projection)
 
     with (
-        CaptureSession(policy, run_dir, capture, config.updates, attrs) as session,
+        CaptureSession(policy, run_dir, capture, config.updates, attrs, overwrite) as session,
         open(run_dir / "train_log.jsonl", "w") as log,
     ):
         for update in range(config.updates):

@@ -304,16 +304,26 @@ def fidelity_table(setup: Setup) -> Table:
         table.add_row(
             f"Kronecker {k}x{k} per parameter", str(rows.shape[1]), *_errors(exact, rows)
         )
+    subset = [
+        i for i, name in enumerate(order) if name.startswith(_last_layer_prefix(setup.model))
+    ]
+    columns = torch.cat([_slot_columns(hooks.layout, i) for i in subset])
+    exact_subset = exact[:, columns]
     for k in (1024, 4096):
+        spec = ProjectionSpec(kind="dense", seed=0, k_out=k)
         rows = (
-            DenseProjector(
-                ProjectionSpec(kind="dense", seed=0, k_out=k), exact.shape[1], block_rows=128
-            )
-            .project(exact.float())
+            DenseProjector(spec, exact_subset.shape[1], block_rows=128)
+            .project(exact_subset.float())
             .double()
         )
-        table.add_row(f"dense JL, k={k}", str(k), *_errors(exact, rows))
+        table.add_row(f"dense JL, k={k} (last layer only)", str(k), *_errors(exact_subset, rows))
     return table
+
+
+def _slot_columns(layout, index: int) -> torch.Tensor:
+    """Columns of the flat explicit gradient that hold parameter `layout[index]`."""
+    start = sum(int(torch.tensor(slot.shape).prod()) for slot in layout[:index])
+    return torch.arange(start, start + int(torch.tensor(layout[index].shape).prod()))
 
 
 def _kron_row(projector, order, shapes, flat) -> torch.Tensor:

@@ -23,7 +23,7 @@ def main(run_dir: str = "runs/trl", steps: int = 20, n_pairs: int | None = None)
         [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in train_pairs]
     )
     args = DPOConfig(
-        output_dir=f"{run_dir}/trl",
+        output_dir=f"{run_dir}.trl",  # TRL's own outputs, beside the graddyn run
         max_steps=steps,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,

@@ -180,5 +180,8 @@ def test_analyze_run_one_checkpoint_and_out_dir(tmp_path: Path) -> None:
 
 
 def test_analyze_run_without_results(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a graddyn run"):
+        analyze_run(tmp_path)
+    (tmp_path / "run.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="graddyn replay"):
         analyze_run(tmp_path)

@@ -135,7 +135,8 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Analy
             missing or malformed.
     """
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and not (run_dir / "run.json").exists():
+    has_results = (run_dir / "alignment" / "alignment.json").exists()
+    if run_dir.is_dir() and not has_results and not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{run_dir}: not a graddyn run directory (no run.json)")
     results = load_alignment(run_dir)
     stats = compute_statistics(results)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from graddyn.capture.projection import DenseProjector, KroneckerProjector, ProjectionSpec
@@ -485,7 +486,8 @@ from graddyn.capture.projection import DenseProjector, KroneckerProjector, Proje
 x = torch.randn(3, 10000, generator=torch.Generator().manual_seed(0))
 dense = DenseProjector(ProjectionSpec(kind="dense", seed=1, k_out=64), 10000).project(x)
 factor = KroneckerProjector(ProjectionSpec(seed=1)).factor("mlp", "in", 48, torch.device("cpu"))
-torch.save({"dense": dense, "factor": factor}, sys.argv[1])
+from safetensors.torch import save_file
+save_file({"dense": dense.contiguous(), "factor": factor.contiguous()}, sys.argv[1])
 """
 
 
@@ -506,10 +508,10 @@ def test_f19_projection_seed(tiny_model, tiny_sequences, tmp_path, dpo_runs):
     again = DenseProjector(ProjectionSpec(kind="dense", seed=1, k_out=64), 10000).project(x)
     assert torch.equal(again, dense[1])
 
-    out = tmp_path / "other_process.pt"
+    out = tmp_path / "other_process.safetensors"
     command = [sys.executable, "-c", _SUBPROCESS, str(out), str(torch.get_num_threads())]
     subprocess.run(command, check=True, timeout=120)
-    other = torch.load(out)
+    other = load_file(str(out))
     assert torch.equal(other["dense"], dense[1])
     assert torch.equal(other["factor"], factor[1])
 

@@ -219,8 +219,8 @@ def cross(a: Factor, b: Factor) -> torch.Tensor:
     """(B,) exact ⟨per-sample gradient a, per-sample gradient b⟩ of one parameter.
 
     The ghost-norm identity: for `Σ_t l_t r_tᵀ` and `Σ_s l'_s r'_sᵀ` the inner product is
-    `Σ_{t,s} ⟨l_t, l'_s⟩ ⟨r_t, r'_s⟩`, which never forms the gradients. Used for the norm of
-    a parameter reached by several contributions (tied embeddings).
+    `Σ_{t,s} ⟨l_t, l'_s⟩ ⟨r_t, r'_s⟩`, which never forms the gradients. Used for the
+    norm of a parameter reached by several contributions (tied embeddings).
     """
     if isinstance(a, Vector):
         return (_acc(a.values) * _acc(b.values)).sum(dim=1)

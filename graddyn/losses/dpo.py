@@ -1,6 +1,7 @@
 """DPO and its decomposition into positive learning, negative learning and reweighting.
 
-    L_dpo = -mean log σ(h),   h = β [ (log π(y+) - log π_ref(y+)) - (log π(y-) - log π_ref(y-)) ]
+    L_dpo = -mean log σ(h),
+    h = β [ (log π(y+) - log π_ref(y+)) - (log π(y-) - log π_ref(y-)) ]
 
 has the gradient of  β · mean sg(ω) · ( -log π(y+) + log π(y-) ),  ω = σ(-h).
 The chosen response of each pair is a positive item and the rejected one a negative item,

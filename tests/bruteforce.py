@@ -43,3 +43,10 @@ def named_grads(value: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.
 def project_named_grads(projector, names: list[str], grads: dict[str, torch.Tensor]):
     """Flat projected row of explicit gradients, in the capture layout order, float64."""
     return torch.cat([projector.project_parameter(n, grads[n]).double() for n in names])
+
+
+def target_gradient(
+    model: torch.nn.Module, targets: list[TokenizedSequence], params: list[torch.Tensor]
+) -> torch.Tensor:
+    """g' = ∇ mean over targets of -log π(y'|x'), flat, one target at a time."""
+    return sum(flat_grad(-single_logp(model, t), params) for t in targets) / len(targets)

@@ -21,7 +21,7 @@ from graddyn.replay import replay_run
 from graddyn.store.shard import list_shards, read_shard
 from graddyn.targets import build_targets, load_targets
 from graddyn.train.dpo import DPOConfig, train_dpo
-from tests.bruteforce import flat_grad, single_logp
+from tests.bruteforce import flat_grad, single_logp, target_gradient
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,7 @@ def test_parts_add_up_and_match_brute_force(tiny_run):
     for record in result["checkpoints"]:
         shard = read_shard(run_dir / "shards" / f"step_{record['step']:08d}.h5")
         load_parameters(model, run_dir / shard.attrs["checkpoint"])
-        g_target = sum(flat_grad(-single_logp(model, t), params) for t in targets.sequences)
-        g_target = g_target / len(targets)
+        g_target = target_gradient(model, targets.sequences, params)
         reference = dict(
             zip(
                 shard.arrays["items/sequence_id"].tolist(),

@@ -20,7 +20,7 @@ from graddyn.reward import RewardModel, save_reward_model
 from graddyn.store.reader import RunReader
 from graddyn.targets import build_targets, load_targets
 from graddyn.train.ppo import PPOConfig, train_ppo
-from tests.bruteforce import flat_grad, single_logp
+from tests.bruteforce import flat_grad, target_gradient
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,7 @@ def test_ppo_alignment_matches_brute_force(ppo_run):
         assert record["check"]["whole_source"] == "ppo clipped surrogate"
         shard = run.shard(record["step"])
         load_parameters(model, run_dir / shard.attrs["checkpoint"])
-        g_target = sum(flat_grad(-single_logp(model, t), params) for t in targets.sequences)
-        g_target = g_target / len(targets)
+        g_target = target_gradient(model, targets.sequences, params)
 
         a = shard.arrays
         flat, row_of = stored_sequences(shard)
